@@ -1,0 +1,212 @@
+"""Experiment config schema: ml_collections.ConfigDict in, validated frozen dataclasses out.
+
+`experiments/*.py` build a ConfigDict (`get_config(arg)`); `to_experiment(config)` validates it once,
+before anything compiles, and returns an `ExperimentConfig`. Modules below this boundary only see the
+frozen dataclasses. Every error names the dotted key at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+from klingjax.diffusion.losses import LossWeighting
+from klingjax.diffusion.samplers import Sampler
+from klingjax.diffusion.schedules import TimestepSampling
+
+
+class ConfigError(ValueError):
+    """A config is invalid; the message names the key."""
+
+
+STAGES = ("data", "vae", "cache", "dit", "eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh sizes over ('data', 'fsdp', 'context', 'tensor'); one may be -1 (fill with the rest)."""
+
+    data: int = -1
+    fsdp: int = 1
+    context: int = 1
+    tensor: int = 1
+
+    @property
+    def sizes(self) -> tuple[int, int, int, int]:
+        return (self.data, self.fsdp, self.context, self.tensor)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The built-in synthetic dataset (written to ArrayRecord) and loader settings."""
+
+    num_train: int = 2048
+    num_eval: int = 64
+    num_frames: int = 17
+    height: int = 32
+    width: int = 32
+    num_shards: int = 4
+    heldout_fraction: float = 0.1
+    worker_count: int = 0
+    path: str = ""  # empty: <workdir>/data
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay, global-norm clipping and EMA."""
+
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    decay: bool = True
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.99
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One training stage (vae or dit): model variant, batch, steps, optimiser, cadence."""
+
+    variant: str = "demo"
+    model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    batch_size: int = 16  # global
+    steps: int = 1000
+    max_steps_per_run: int = 0  # > 0: stop (after checkpointing) once this many steps ran in this process
+    optim: OptimConfig = OptimConfig()
+    sharding: str = "fsdp"  # rule preset name
+    log_every: int = 20
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    sample_every: int = 0  # 0: only at the end
+    kl_weight: float = 1e-6  # vae stage
+    caption_dropout: float = 0.1  # dit stage
+    timestep_sampling: TimestepSampling = TimestepSampling.LOGIT_NORMAL
+    timestep_shift: float = 0.0  # 0: resolution-dependent shift
+    loss_weighting: LossWeighting = LossWeighting.NONE
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """Sampling for periodic samples and evaluation."""
+
+    sampler: Sampler = Sampler.EULER
+    num_steps: int = 30
+    cfg_scale: float = 4.0
+    negative_prompt: str = ""
+    shift: float = 0.0  # 0: same shift as training
+    use_ema: bool = True
+    num_samples: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation of the trained pipeline on held-out captions."""
+
+    num_clips: int = 64
+    fvd: bool = True
+    batch_size: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: which stages run, and their settings."""
+
+    name: str = "experiment"
+    seed: int = 0
+    stages: tuple[str, ...] = STAGES
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    text_max_len: int = 16
+    vae: StageConfig = StageConfig()
+    dit: StageConfig = StageConfig(variant="XS")
+    sample: SampleConfig = SampleConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, tp):
+            return value
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {[m.value for m in tp]}") from None
+    if origin in (tuple,):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a sequence, got {value!r}")
+        return tuple(value)
+    if origin is not None and issubclass(origin, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return types.MappingProxyType(dict(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: Any, prefix: str = "") -> Any:
+    if isinstance(values, ml_collections.ConfigDict):
+        values = values.to_dict()
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}': expected a section, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (valid keys here: {sorted(names)})")
+    kwargs = {name: _convert(hints[name], values[name], prefix + name) for name in names if name in values}
+    return cls(**kwargs)
+
+
+def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ExperimentConfig:
+    """Validate a ConfigDict and freeze it into an ExperimentConfig (raises ConfigError naming the key)."""
+    exp = _build(ExperimentConfig, config)
+    for stage in exp.stages:
+        if stage not in STAGES:
+            raise ConfigError(f"config key 'stages': unknown stage {stage!r}; choose from {STAGES}")
+    d = exp.data
+    if d.num_frames < 1 or (d.num_frames - 1) % 4:
+        raise ConfigError(f"config key 'data.num_frames': {d.num_frames} is not 1 + 4k")
+    for name in ("vae", "dit"):
+        s: StageConfig = getattr(exp, name)
+        for key in ("batch_size", "steps", "log_every", "checkpoint_every"):
+            if getattr(s, key) <= 0:
+                raise ConfigError(f"config key '{name}.{key}': must be positive, got {getattr(s, key)}")
+        if not 0.0 <= s.caption_dropout < 1.0:
+            raise ConfigError(f"config key '{name}.caption_dropout': must be in [0, 1), got {s.caption_dropout}")
+        if s.optim.lr <= 0:
+            raise ConfigError(f"config key '{name}.optim.lr': must be positive, got {s.optim.lr}")
+    if exp.sample.num_steps < 1:
+        raise ConfigError(f"config key 'sample.num_steps': must be >= 1, got {exp.sample.num_steps}")
+    if exp.eval.fvd and exp.data.num_frames < 9:
+        raise ConfigError("config key 'data.num_frames': FVD's I3D needs >= 9 frames (or set eval.fvd=False)")
+    return exp
+
+
+def config_from_dataclass(exp: ExperimentConfig) -> ml_collections.ConfigDict:
+    """The ConfigDict form of a dataclass config (enums as their values): the schema for experiments."""
+
+    def plain(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, enum.Enum):
+            return x.value
+        if isinstance(x, Mapping):
+            return dict(x)
+        return x
+
+    return ml_collections.ConfigDict(plain(exp))

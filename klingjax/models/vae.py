@@ -1,0 +1,283 @@
+"""The 3D causal video VAE of Wan 2.1 in Flax NNX, architecture-compatible with diffusers' `AutoencoderKLWan`.
+
+Video (B, T, H, W, 3) in [-1, 1], T = 1 + temporal_factor * k  <->  latents (B, t, h, w, z_dim) with
+t = 1 + k, h = H / spatial_factor. The first frame is encoded on its own (an image is a 1-frame video).
+
+Two execution paths compute the same function:
+  * full sequence (`encode`, `decode`, `__call__`): one pass over the whole clip; used for training.
+  * streaming (`encode_streaming`, `decode_streaming`): the first frame, then `jax.lax.scan` over chunks
+    of `temporal_factor` frames (encode) or one latent frame (decode), carrying each causal conv's
+    2-frame cache (Wan's CACHE_T = 2). Memory and compile time stay flat in clip length.
+
+Module tree and attribute names follow diffusers (encoder.down_blocks[i].resample / .time_conv, mid_block,
+norm_out, conv_out, quant_conv, post_quant_conv, decoder.up_blocks[i].upsamplers[0], ...) so the export
+map is mechanical; kernels are channels-last (kt, kh, kw, Cin, Cout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.typing import DTypeLike
+
+from klingjax.models.layers.conv3d import CausalConv3d, WanRMSNorm
+from klingjax.models.vae_blocks import (
+    Cache,
+    ResampleMode,
+    WanAttentionBlock,
+    WanMidBlock,
+    WanResample,
+    WanResidualBlock,
+    WanUpBlock,
+    sub,
+)
+from klingjax.sharding.rules import shard
+
+_ACT = ("act_batch", "act_frames", "act_height", "act_width", "act_channels")
+_LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config and variants
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """Sizes of the causal VAE; field names follow diffusers' `AutoencoderKLWan` config."""
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    dropout: float = 0.0
+    in_channels: int = 3
+    out_channels: int = 3
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    def __post_init__(self):
+        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"temporal_downsample {self.temporal_downsample} needs one entry per downsampling stage "
+                f"(len(dim_mult) - 1 = {len(self.dim_mult) - 1})"
+            )
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(t, h, w) of the latents of a (num_frames, height, width) clip."""
+        s = self.spatial_factor
+        return 1 + (num_frames - 1) // self.temporal_factor, height // s, width // s
+
+
+VAE_VARIANTS: dict[str, VAEConfig] = {
+    # unit tests: 4x spatial, 4x temporal, a few thousand params per conv
+    "tiny": VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1, temporal_downsample=(True, True)),
+    # trainable on 2 CPU cores: 17x32x32 clips -> 5x8x8x8 latents
+    "demo": VAEConfig(base_dim=32, z_dim=8, dim_mult=(1, 2, 4), num_res_blocks=1, temporal_downsample=(True, True)),
+    # Wan 2.1 VAE (Wan-AI/Wan2.1-T2V-*-Diffusers/vae): 4x8x8, 16 latent channels
+    "wan2.1": VAEConfig(),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Encoder and decoder
+# ---------------------------------------------------------------------------------------------------------
+
+
+class WanEncoder3d(nnx.Module):
+    """Video (B, T, H, W, in_channels) -> (B, t, h, w, z_channels); `down_blocks` is diffusers' flat list."""
+
+    def __init__(self, cfg: VAEConfig, z_channels: int, *, rngs: nnx.Rngs):
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        dims = [cfg.base_dim * u for u in (1, *cfg.dim_mult)]
+        self.conv_in = CausalConv3d(cfg.in_channels, dims[0], (3, 3, 3), padding=(1, 1, 1), **kw)
+        layers = []
+        scale = 1.0
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(WanResidualBlock(in_dim, out_dim, dropout=cfg.dropout, **kw))
+                if scale in cfg.attn_scales:
+                    layers.append(WanAttentionBlock(out_dim, **kw))
+                in_dim = out_dim
+            if i != len(cfg.dim_mult) - 1:
+                mode = ResampleMode.DOWNSAMPLE3D if cfg.temporal_downsample[i] else ResampleMode.DOWNSAMPLE2D
+                layers.append(WanResample(out_dim, mode, **kw))
+                scale /= 2.0
+        self.down_blocks = nnx.List(layers)
+        self.mid_block = WanMidBlock(dims[-1], dropout=cfg.dropout, num_layers=1, **kw)
+        self.norm_out = WanRMSNorm(dims[-1], param_dtype=cfg.param_dtype, rngs=rngs)
+        self.conv_out = CausalConv3d(dims[-1], z_channels, (3, 3, 3), padding=(1, 1, 1), **kw)
+
+    def __call__(self, x: jax.Array, cache: Cache = None, *, first: bool) -> tuple[jax.Array, Cache]:
+        """Returns (features, new cache); `first` marks a chunk starting at the clip's first frame."""
+        x, c_in = self.conv_in(x, sub(cache, "conv_in"))
+        caches = []
+        for i, layer in enumerate(self.down_blocks):
+            if isinstance(layer, WanResample):
+                x, c = layer(x, sub(sub(cache, "down_blocks"), i), first=first)
+            else:
+                x, c = layer(x, sub(sub(cache, "down_blocks"), i))
+            x = shard(x, _ACT)
+            caches.append(c)
+        x, c_mid = self.mid_block(x, sub(cache, "mid_block"))
+        x, c_out = self.conv_out(jax.nn.silu(self.norm_out(x)), sub(cache, "conv_out"))
+        return x, {"conv_in": c_in, "down_blocks": caches, "mid_block": c_mid, "conv_out": c_out}
+
+
+class WanDecoder3d(nnx.Module):
+    """Latents (B, t, h, w, z_dim) -> video (B, T, H, W, out_channels); upsamplers halve channels (Wan 2.1)."""
+
+    def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        mults = cfg.dim_mult
+        dims = [cfg.base_dim * u for u in (mults[-1], *mults[::-1])]
+        temporal_upsample = cfg.temporal_downsample[::-1]
+        self.conv_in = CausalConv3d(cfg.z_dim, dims[0], (3, 3, 3), padding=(1, 1, 1), **kw)
+        self.mid_block = WanMidBlock(dims[0], dropout=cfg.dropout, num_layers=1, **kw)
+        blocks = []
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2  # the previous stage's upsampler halved the channels
+            mode = None
+            if i != len(mults) - 1:
+                mode = ResampleMode.UPSAMPLE3D if temporal_upsample[i] else ResampleMode.UPSAMPLE2D
+            blocks.append(WanUpBlock(in_dim, out_dim, cfg.num_res_blocks, dropout=cfg.dropout, upsample_mode=mode,
+                                     **kw))
+        self.up_blocks = nnx.List(blocks)
+        self.norm_out = WanRMSNorm(dims[-1], param_dtype=cfg.param_dtype, rngs=rngs)
+        self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, (3, 3, 3), padding=(1, 1, 1), **kw)
+
+    def __call__(self, x: jax.Array, cache: Cache = None, *, first: bool) -> tuple[jax.Array, Cache]:
+        """Returns (video, new cache); `first` marks a chunk starting at the clip's first latent frame."""
+        x, c_in = self.conv_in(x, sub(cache, "conv_in"))
+        x, c_mid = self.mid_block(x, sub(cache, "mid_block"))
+        caches = []
+        for i, block in enumerate(self.up_blocks):
+            x, c = block(x, sub(sub(cache, "up_blocks"), i), first=first)
+            x = shard(x, _ACT)
+            caches.append(c)
+        x, c_out = self.conv_out(jax.nn.silu(self.norm_out(x)), sub(cache, "conv_out"))
+        return x, {"conv_in": c_in, "mid_block": c_mid, "up_blocks": caches, "conv_out": c_out}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The VAE
+# ---------------------------------------------------------------------------------------------------------
+
+
+def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) summed over all but the batch axis: (B, ...) -> (B,)."""
+    mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+    kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+    return kl.reshape(kl.shape[0], -1).sum(-1)  # (B, t*h*w*c) -> (B,)
+
+
+class CausalVAE(nnx.Module):
+    """Wan 2.1 causal video VAE: (B, T, H, W, 3) <-> (B, t, h, w, z_dim), full-sequence and streaming paths."""
+
+    def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
+        kw = dict(padding=(0, 0, 0), dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.cfg = cfg
+        self.encoder = WanEncoder3d(cfg, 2 * cfg.z_dim, rngs=rngs)
+        self.quant_conv = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, (1, 1, 1), **kw)
+        self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, (1, 1, 1), **kw)
+        self.decoder = WanDecoder3d(cfg, rngs=rngs)
+
+    # -- input checks (shapes are static, so these cost nothing under jit) --
+
+    def _check_video(self, x: jax.Array) -> None:
+        cfg = self.cfg
+        if x.ndim != 5 or x.shape[-1] != cfg.in_channels:
+            raise ValueError(f"expected video (B, T, H, W, {cfg.in_channels}), got shape {x.shape}")
+        _, t, h, w, _ = x.shape
+        if t < 1 or (t - 1) % cfg.temporal_factor:
+            raise ValueError(
+                f"frame count {t} is not 1 + {cfg.temporal_factor} * k; use e.g. "
+                f"{1 + (max(t, 1) - 1) // cfg.temporal_factor * cfg.temporal_factor} frames"
+            )
+        if h % cfg.spatial_factor or w % cfg.spatial_factor:
+            raise ValueError(f"height {h} and width {w} must be divisible by the spatial factor {cfg.spatial_factor}")
+
+    def _check_latents(self, z: jax.Array) -> None:
+        if z.ndim != 5 or z.shape[-1] != self.cfg.z_dim:
+            raise ValueError(f"expected latents (B, t, h, w, {self.cfg.z_dim}), got shape {z.shape}")
+
+    def _moments(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h, _ = self.quant_conv(h)  # (B, t, h, w, 2z)
+        mean, logvar = jnp.split(h, 2, axis=-1)  # each (B, t, h, w, z)
+        return mean, jnp.clip(logvar, *_LOGVAR_RANGE)
+
+    # -- full-sequence path --
+
+    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Video (B, T, H, W, 3) in [-1, 1] -> posterior (mean, logvar), each (B, t, h, w, z_dim)."""
+        self._check_video(x)
+        h, _ = self.encoder(shard(x, _ACT), first=True)  # (B, t, h, w, 2z)
+        return self._moments(h)
+
+    def decode(self, z: jax.Array, *, clip: bool = True) -> jax.Array:
+        """Latents (B, t, h, w, z_dim) -> video (B, 1 + tf*(t-1), H, W, 3), clipped to [-1, 1] as diffusers."""
+        self._check_latents(z)
+        x, _ = self.post_quant_conv(z)
+        x, _ = self.decoder(x, first=True)
+        return jnp.clip(x, -1.0, 1.0) if clip else x
+
+    def __call__(self, x: jax.Array, *, rngs_or_key: nnx.Rngs | jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Train path: (recon (unclipped), mean, logvar) with z = mean + exp(logvar / 2) * eps."""
+        key = rngs_or_key() if isinstance(rngs_or_key, nnx.Rngs) else rngs_or_key
+        mean, logvar = self.encode(x)
+        # Drawn flat: XLA:CPU compiles threefry for rank-5 shapes very slowly.
+        eps = jax.random.normal(key, (mean.size,), mean.dtype).reshape(mean.shape)  # (B*t*h*w*z,) -> (B, t, h, w, z)
+        z = mean + jnp.exp(0.5 * logvar) * eps
+        return self.decode(z, clip=False), mean, logvar
+
+    # -- streaming path --
+
+    def encode_streaming(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """As `encode`, but frame 0 then a scan over chunks of `temporal_factor` frames with a frame cache."""
+        self._check_video(x)
+        b, t, hh, ww, c = x.shape
+        tf = self.cfg.temporal_factor
+        h0, cache = self.encoder(x[:, :1], first=True)  # (B, 1, h, w, 2z)
+        if t == 1:
+            return self._moments(h0)
+        n = (t - 1) // tf
+        chunks = jnp.moveaxis(x[:, 1:].reshape(b, n, tf, hh, ww, c), 1, 0)  # (n, B, tf, H, W, C)
+
+        def step(cache, chunk):
+            h, cache = self.encoder(chunk, cache, first=False)  # (B, 1, h, w, 2z)
+            return cache, h[:, 0]
+
+        _, hs = jax.lax.scan(step, cache, chunks)  # (n, B, h, w, 2z)
+        h = jnp.concatenate([h0, jnp.moveaxis(hs, 0, 1)], axis=1)  # (B, 1 + n, h, w, 2z)
+        return self._moments(h)
+
+    def decode_streaming(self, z: jax.Array, *, clip: bool = True) -> jax.Array:
+        """As `decode`, but one latent frame at a time (a scan after frame 0) with a frame cache."""
+        self._check_latents(z)
+        b, t = z.shape[:2]
+        x0, cache = self.decoder(self.post_quant_conv(z[:, :1])[0], first=True)  # (B, 1, H, W, 3)
+        if t > 1:
+
+            def step(cache, zi):
+                x, _ = self.post_quant_conv(zi[:, None])  # (B, 1, h, w, z)
+                x, cache = self.decoder(x, cache, first=False)  # (B, tf, H, W, 3)
+                return cache, x
+
+            _, xs = jax.lax.scan(step, cache, jnp.moveaxis(z[:, 1:], 1, 0))  # (t-1, B, tf, H, W, 3)
+            xs = jnp.moveaxis(xs, 0, 1)  # (B, t-1, tf, H, W, 3)
+            x0 = jnp.concatenate([x0, xs.reshape(b, -1, *xs.shape[3:])], axis=1)  # (B, 1 + tf(t-1), H, W, 3)
+        return jnp.clip(x0, -1.0, 1.0) if clip else x0

@@ -1,0 +1,165 @@
+"""Run an experiment's stages in order: data -> vae -> cache -> dit -> eval (each resumable and skippable)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from klingjax.config import ExperimentConfig, config_from_dataclass
+from klingjax.data.synthetic import SyntheticSpec
+from klingjax.eval import media
+from klingjax.eval.evaluate import evaluate, load_eval_clips
+from klingjax.eval.generate import VideoGenerator
+from klingjax.sharding.mesh import make_mesh
+from klingjax.train import stages
+from klingjax.train.loop import load_trained, train_stage
+from klingjax.train.stages import psnr
+
+
+def _text_encoder():
+    from klingjax.models.text_encoders import load_minilm
+
+    return load_minilm()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage runners
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_data(exp: ExperimentConfig, workdir: str) -> dict:
+    """Write the built-in synthetic dataset (host 0) unless the data path already has a manifest."""
+    from data_pipelines.make_synthetic import write_synthetic_dataset
+
+    d = exp.data
+    out = stages.data_dir(exp, workdir)
+    if jax.process_index() == 0:
+        spec = SyntheticSpec(num_frames=d.num_frames, height=d.height, width=d.width,
+                             heldout_fraction=d.heldout_fraction)
+        write_synthetic_dataset(out, spec, exp.seed, d.num_train, d.num_eval, d.num_shards)
+    multihost_utils.sync_global_devices("synthetic_data_written")
+    return {"data_dir": out}
+
+
+def _vae_sampler(exp: ExperimentConfig, workdir: str):
+    """Periodic VAE samples: reconstruct held-out clips, log eval PSNR, save originals-vs-recon grids."""
+    real, captions, _ = load_eval_clips(exp, stages.data_dir(exp, workdir), exp.sample.num_samples)
+    x = jnp.asarray(real.astype(np.float32) / 127.5 - 1.0)
+
+    def on_sample(model, step: int, out_dir: str) -> dict:
+        graphdef = nnx.graphdef(model)
+
+        @jax.jit
+        def recon(state, x):
+            vae = nnx.merge(graphdef, state)
+            return vae.decode(vae.encode(x)[0])
+
+        y = recon(nnx.state(model), x)
+        value = float(psnr(y, x))
+        if jax.process_index() == 0:
+            frames = np.round((np.asarray(y) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+            both = np.concatenate([real, frames], axis=0)  # originals first, reconstructions below
+            path = os.path.join(out_dir, "samples", f"recon_step{step:06d}.png")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            media.write_png_grid(path, both, ncols=1, frames_per_row=min(9, real.shape[1]), scale=3)
+        return {"eval_psnr": value}
+
+    return on_sample
+
+
+def _generator(exp: ExperimentConfig, workdir: str, mesh, dit, text_encoder) -> VideoGenerator:
+    vae = load_trained(stages.vae_stage(exp, workdir), exp.vae, workdir=workdir, mesh=mesh, seed=exp.seed)
+    mean, std = stages.load_latent_stats(workdir)
+    return VideoGenerator(dit=dit, vae=vae, text_encoder=text_encoder, latent_shape=stages.latent_grid(exp),
+                          latent_mean=mean, latent_std=std, sample=exp.sample, text_max_len=exp.text_max_len,
+                          shift=stages.train_shift(exp))
+
+
+def _dit_sampler(exp: ExperimentConfig, workdir: str, mesh, text_encoder):
+    """Periodic DiT samples: generate held-out captions with the EMA model; save mp4/gif/PNG grid."""
+    _, captions, _ = load_eval_clips(exp, stages.data_dir(exp, workdir), exp.sample.num_samples)
+
+    def on_sample(model, step: int, out_dir: str) -> dict:
+        gen = _generator(exp, workdir, mesh, model, text_encoder)
+        videos = gen(captions, jax.random.key(exp.seed + 2), batch_size=len(captions))
+        if jax.process_index() == 0:
+            path = os.path.join(out_dir, "samples", f"step{step:06d}")
+            os.makedirs(path, exist_ok=True)
+            media.write_png_grid(os.path.join(path, "grid.png"), videos, ncols=1,
+                                 frames_per_row=min(9, videos.shape[1]), scale=3, captions=captions)
+            media.write_mp4(os.path.join(path, "sample_00.mp4"), videos[0], fps=8, scale=4)
+            media.write_gif(os.path.join(path, "sample_00.gif"), videos[0], fps=8, scale=4)
+        return {}
+
+    return on_sample
+
+
+def run_vae(exp: ExperimentConfig, workdir: str, mesh) -> dict:
+    spec = stages.vae_stage(exp, workdir, on_sample=_vae_sampler(exp, workdir))
+    return train_stage(spec, exp.vae, workdir=workdir, mesh=mesh, seed=exp.seed)
+
+
+def run_cache(exp: ExperimentConfig, workdir: str, mesh) -> dict:
+    from data_pipelines.cache_latents import cache_latents
+
+    vae = load_trained(stages.vae_stage(exp, workdir), exp.vae, workdir=workdir, mesh=mesh, seed=exp.seed)
+    return cache_latents(exp, workdir, vae, _text_encoder())
+
+
+def run_dit(exp: ExperimentConfig, workdir: str, mesh) -> dict:
+    text_encoder = _text_encoder()
+    null_ctx, null_mask = text_encoder.encode([""], exp.text_max_len)
+    spec = stages.dit_stage(exp, workdir, (np.asarray(null_ctx)[0], np.asarray(null_mask)[0]),
+                            on_sample=_dit_sampler(exp, workdir, mesh, text_encoder))
+    return train_stage(spec, exp.dit, workdir=workdir, mesh=mesh, seed=exp.seed)
+
+
+def run_eval(exp: ExperimentConfig, workdir: str, mesh) -> dict:
+    text_encoder = _text_encoder()
+    null = text_encoder.encode([""], exp.text_max_len)
+    dit_spec = stages.dit_stage(exp, workdir, (np.asarray(null[0])[0], np.asarray(null[1])[0]))
+    dit = load_trained(dit_spec, exp.dit, workdir=workdir, mesh=mesh, seed=exp.seed, use_ema=exp.sample.use_ema)
+    gen = _generator(exp, workdir, mesh, dit, text_encoder)
+    return evaluate(exp, gen, data_dir=stages.data_dir(exp, workdir), out_dir=workdir)
+
+
+_RUNNERS = {"vae": run_vae, "cache": run_cache, "dit": run_dit, "eval": run_eval}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_experiment(exp: ExperimentConfig, workdir: str) -> dict[str, dict]:
+    """Run every stage of `exp` in order under `workdir`; each stage resumes or skips finished work."""
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(exp.mesh.sizes)
+    logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_from_dataclass(exp).to_json(indent=2))
+    results: dict[str, dict] = {}
+    for stage in exp.stages:
+        logging.info("=== stage %s ===", stage)
+        if stage == "data":
+            results[stage] = run_data(exp, workdir)
+        else:
+            results[stage] = _RUNNERS[stage](exp, workdir, mesh)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    return results
+
+
+def with_stages(exp: ExperimentConfig, *names: str) -> ExperimentConfig:
+    """A copy of `exp` that runs only `names`."""
+    return dataclasses.replace(exp, stages=tuple(names))

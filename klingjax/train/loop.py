@@ -1,0 +1,158 @@
+"""One sectioned train loop for every stage: setup -> data -> state -> restore -> compile -> train -> save."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from tqdm import tqdm
+
+from klingjax.config import StageConfig
+from klingjax.sharding.rules import get_rules
+from klingjax.train.checkpoint import Checkpointer, PreemptionGuard, abstract_with_shardings
+from klingjax.train.metrics import MetricWriter
+from klingjax.train.optim import learning_rate_schedule, make_optimizer
+from klingjax.train.state import create_trainer, param_count
+from klingjax.train.step import LossFn, batch_sharding, compile_train_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """What differs between stages: the model, its loss, its data and its samples."""
+
+    name: str  # "vae" | "dit"; also the sub-directory of the workdir
+    rules_kind: str  # which rule table: "vae" | "dit"
+    make_model: Callable[[nnx.Rngs], nnx.Module]
+    loss_fn: LossFn
+    # (per_host_batch, seed, process_index, process_count) -> grain.IterDataset of numpy batches
+    make_dataset: Callable[[int, int, int, int], grain.IterDataset]
+    array_keys: tuple[str, ...]  # batch entries the step consumes
+    # (ema_model, step, out_dir) -> dict of scalar metrics, run on every host (sampling is collective)
+    on_sample: Callable[[nnx.Module, int, str], Mapping[str, float]] | None = None
+
+
+def stage_dir(workdir: str, name: str) -> str:
+    return os.path.join(workdir, name)
+
+
+def _global_batch(local: Mapping[str, np.ndarray], keys: tuple[str, ...], sharding) -> dict[str, jax.Array]:
+    """Host-local numpy batches -> global arrays split over the batch axes of the mesh."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k])) for k in keys}
+
+
+def _fingerprint(local: Mapping[str, np.ndarray], key: str) -> int:
+    """A cheap checksum of the host's batch: equal fingerprints mean the same data order."""
+    return zlib.adler32(np.ascontiguousarray(local[key]).tobytes()[:1 << 16])
+
+
+def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sharding.Mesh, seed: int) -> dict[str, Any]:
+    """Train one stage to cfg.steps, resuming from the stage's latest checkpoint if there is one."""
+    # --- Setup -------------------------------------------------------------------------------------
+    out_dir = stage_dir(workdir, spec.name)
+    rules = get_rules(cfg.sharding, spec.rules_kind)
+    n_proc, proc = jax.process_count(), jax.process_index()
+    data_size = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % data_size or cfg.batch_size % n_proc:
+        raise ValueError(
+            f"{spec.name}.batch_size={cfg.batch_size} must be divisible by the data x fsdp mesh size ({data_size}) "
+            f"and by the process count ({n_proc})"
+        )
+    per_host = cfg.batch_size // n_proc
+
+    # --- Data --------------------------------------------------------------------------------------
+    data_iter = iter(spec.make_dataset(per_host, seed, proc, n_proc))
+
+    # --- State (abstract first, then initialised onto the mesh) ------------------------------------
+    tx = make_optimizer(cfg.optim, cfg.steps)
+    st = create_trainer(spec.make_model, tx, mesh, rules, seed)
+    logging.info("%s: %s params", spec.name, f"{param_count(st.state):,}")
+
+    # --- Restore -----------------------------------------------------------------------------------
+    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints)
+    state, start = st.state, 0
+    if (latest := ckpt.latest_step()) is not None:
+        state, iter_state = ckpt.restore(latest, abstract_with_shardings(st.abstract_state, st.shardings))
+        if iter_state:
+            data_iter.set_state(iter_state)
+        start = latest
+        logging.info("%s: resumed from step %d", spec.name, latest)
+    if start >= cfg.steps:
+        ckpt.close()
+        return {"step": start, "resumed": True, "finished": True}
+
+    # --- Compile step 0 ahead of time, log memory --------------------------------------------------
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        step_fn = compile_train_step(
+            make_train_step(st.graphdef, spec.loss_fn, ema_decay=cfg.optim.ema_decay), st.shardings, mesh
+        )
+        local = next(data_iter)
+        batch = _global_batch(local, spec.array_keys, batch_sharding(mesh))
+        base_key = jax.random.key(seed)
+        t0 = time.time()
+        compiled = step_fn.lower(state, batch, base_key).compile()
+        logging.info("%s: compiled step in %.1fs; memory %s", spec.name, time.time() - t0, compiled.memory_analysis())
+
+    # --- Train -------------------------------------------------------------------------------------
+    writer = MetricWriter(workdir, spec.name)
+    lr = learning_rate_schedule(cfg.optim, cfg.steps)
+    summary: dict[str, Any] = {"start_step": start}
+    ran, t_last, step = 0, time.time(), start
+    bar = tqdm(total=cfg.steps, initial=start, desc=spec.name, disable=proc != 0, mininterval=2.0)
+    with PreemptionGuard() as guard, jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        pending = local  # the batch drawn for compilation is the first one trained on
+        while step < cfg.steps:
+            local = pending if pending is not None else next(data_iter)
+            pending = None
+            batch = _global_batch(local, spec.array_keys, batch_sharding(mesh))
+            fingerprint = _fingerprint(local, spec.array_keys[0])
+            state, metrics = compiled(state, batch, base_key)  # async dispatch: the next load overlaps
+            step, ran = step + 1, ran + 1
+            bar.update(1)
+            stop = guard.requested.is_set() or (cfg.max_steps_per_run and ran >= cfg.max_steps_per_run)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.time()
+                metrics.update(lr=float(lr(step - 1)), data_fingerprint=fingerprint,
+                               steps_per_sec=cfg.log_every / max(now - t_last, 1e-9))
+                t_last = now
+                writer.write(step, metrics)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                summary["loss"] = metrics["loss"]
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
+                # The iterator state now points at the batch the next step will use.
+                ckpt.save(step, state, data_iter.get_state(), force=True)
+            if spec.on_sample and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps):
+                trainer = nnx.merge(st.graphdef, state)
+                writer.write(step, spec.on_sample(trainer.ema, step, out_dir))
+            if stop:
+                logging.info("%s: stopping at step %d (%s)", spec.name, step,
+                             "preempted" if guard.requested.is_set() else "max_steps_per_run")
+                break
+    bar.close()
+    ckpt.close()
+    writer.close()
+    summary.update(step=step, finished=step >= cfg.steps)
+    return summary
+
+
+def load_trained(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sharding.Mesh, seed: int,
+                 use_ema: bool = True) -> nnx.Module:
+    """Restore a stage's latest checkpoint and return its (EMA) model, sharded on the mesh."""
+    rules = get_rules(cfg.sharding, spec.rules_kind)
+    st = create_trainer(spec.make_model, make_optimizer(cfg.optim, cfg.steps), mesh, rules, seed)
+    ckpt = Checkpointer(os.path.join(stage_dir(workdir, spec.name), "checkpoints"), keep=cfg.keep_checkpoints)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"stage {spec.name!r} has no checkpoint under {workdir}: run it first")
+    state = ckpt.restore_params(None, abstract_with_shardings(st.abstract_state, st.shardings))
+    ckpt.close()
+    trainer = nnx.merge(st.graphdef, state)
+    return trainer.ema if use_ema else trainer.model

@@ -1,0 +1,140 @@
+"""Tests for the Wan-compatible DiT: shapes, validation, scan/loop and remat equivalence, masking, sharding
+metadata, and a short overfit. A tiny config keeps XLA compile times low on 2 CPU cores."""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from klingjax.models.dit import DIT_VARIANTS, RematPolicy, WanDiT, dit_config
+from klingjax.sharding.rules import LOGICAL_AXES
+
+# Tests jit whole computations (eager op-by-op dispatch compiles every op) at low XLA opt level: fast compiles.
+fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+TINY = dit_config("XS", dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_channels=4, out_channels=4, text_dim=24)
+
+
+def _inputs(b=2, t=2, h=4, w=4, seq=6, seed=0):
+    k = jax.random.split(jax.random.key(seed), 3)
+    latents = jax.random.normal(k[0], (b, t, h, w, TINY.in_channels))
+    timesteps = jnp.linspace(50.0, 900.0, b)
+    context = jax.random.normal(k[1], (b, seq, TINY.text_dim))
+    lengths = jnp.array([3, seq] * b)[:b]
+    mask = jnp.arange(seq)[None, :] < lengths[:, None]  # (B, L)
+    return latents, timesteps, context, mask
+
+
+@functools.cache
+def _forward(cfg):
+    """Jitted (state, latents, timesteps, context, mask) -> velocity for `cfg` (one compile per config)."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))
+    return fast_jit(lambda state, *args: nnx.merge(graphdef, state)(*args))
+
+
+def _init(cfg, seed=0):
+    return fast_jit(lambda: nnx.state(WanDiT(cfg, rngs=nnx.Rngs(seed))))()
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    return _init(TINY)
+
+
+def test_output_shape_and_finite(tiny_state):
+    latents, t, ctx, mask = _inputs()
+    out = _forward(TINY)(tiny_state, latents, t, ctx, mask)
+    assert out.shape == latents.shape[:4] + (TINY.out_channels,)
+    assert bool(jnp.all(jnp.isfinite(out))) and float(jnp.std(out)) > 1e-3
+
+
+def test_patch_size_mismatch_raises_before_compute():
+    model = nnx.eval_shape(lambda: WanDiT(TINY, rngs=nnx.Rngs(0)))  # abstract params: any compute would fail
+    _, t, ctx, mask = _inputs()
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        model(jnp.zeros((2, 2, 5, 4, TINY.in_channels)), t, ctx, mask)
+
+
+def test_scan_and_loop_give_same_output(tiny_state):
+    loop_cfg = dataclasses.replace(TINY, scan_layers=False)
+    loop_state = _init(loop_cfg)
+    jax.tree.map(np.testing.assert_array_equal, tiny_state, loop_state)  # same param layout either way
+    args = _inputs()
+    np.testing.assert_allclose(_forward(TINY)(tiny_state, *args), _forward(loop_cfg)(tiny_state, *args), atol=1e-5)
+
+
+def test_remat_policies_same_output_and_gradient(tiny_state):
+    latents, t, ctx, mask = _inputs()
+    results = []
+    for policy in RematPolicy:
+        cfg = dataclasses.replace(TINY, remat=policy)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda cfg=cfg: WanDiT(cfg, rngs=nnx.Rngs(0))))
+        loss = lambda s, g=graphdef: jnp.mean(nnx.merge(g, s)(latents, t, ctx, mask) ** 2)
+        results.append(fast_jit(jax.value_and_grad(loss))(tiny_state))
+    for value, grads in results[1:]:
+        np.testing.assert_allclose(value, results[0][0], rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, results[0][1])
+    assert float(jnp.abs(results[0][1]["blocks"]["attn1"]["to_q"]["kernel"][...]).max()) > 0
+
+
+def test_padded_context_tokens_do_not_change_output(tiny_state):
+    latents, t, ctx, mask = _inputs()
+    noise = jax.random.normal(jax.random.key(9), ctx.shape) * 10
+    padded_changed = jnp.where(mask[..., None], ctx, noise)
+    real_changed = ctx.at[:, 0].add(1.0)
+    fwd = lambda c: _forward(TINY)(tiny_state, latents, t, c, mask)
+    base = fwd(ctx)
+    np.testing.assert_allclose(fwd(padded_changed), base, atol=1e-5)
+    assert float(jnp.abs(fwd(real_changed) - base).max()) > 1e-4
+
+
+def test_params_carry_logical_axis_names(tiny_state):
+    params = nnx.state(nnx.eval_shape(lambda: WanDiT(TINY, rngs=nnx.Rngs(0))), nnx.Param)
+    specs = nnx.get_partition_spec(params)
+    block = specs["blocks"]
+    assert block["attn1"]["to_q"]["kernel"].get_value() == P("layers", "embed", "heads")
+    assert block["attn2"]["to_out"][0]["kernel"].get_value() == P("layers", "heads", "embed")
+    assert block["ffn"]["net"][0]["proj"]["kernel"].get_value() == P("layers", "embed", "mlp")
+    assert block["ffn"]["net"][2]["kernel"].get_value() == P("layers", "mlp", "embed")
+    assert block["attn1"]["norm_q"]["scale"].get_value() == P("layers", "norm")
+    assert specs["condition_embedder"]["text_embedder"]["linear_1"]["kernel"].get_value() == P("text_embed", "embed")
+    for spec, leaf in zip(jax.tree.leaves(specs), jax.tree.leaves(params)):
+        assert len(spec) == leaf.ndim and set(spec) <= LOGICAL_AXES | {None}, spec
+
+
+def test_variant_table_sizes():
+    assert DIT_VARIANTS["1.3B"].head_dim == 128 and DIT_VARIANTS["14B"].head_dim == 128
+    model = nnx.eval_shape(lambda: WanDiT(DIT_VARIANTS["1.3B"], rngs=nnx.Rngs(0)))
+    count = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert count == 1_418_996_800  # diffusers WanTransformer3DModel, Wan2.1-T2V-1.3B
+    with pytest.raises(ValueError, match="unknown DiT variant"):
+        dit_config("XXL")
+
+
+def test_short_overfit_reduces_mse():
+    cfg = dataclasses.replace(TINY, num_layers=1)
+    latents, t, ctx, mask = _inputs(b=2, t=1, h=4, w=4)
+    target = jax.random.normal(jax.random.key(7), latents.shape)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))
+    params = _init(cfg, seed=1)
+    tx = optax.adam(3e-3)
+
+    @fast_jit
+    def step(params, opt_state):
+        loss_fn = lambda p: jnp.mean((nnx.merge(graphdef, p)(latents, t, ctx, mask) - target) ** 2)
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = tx.init(params)
+    losses = []
+    for _ in range(30):
+        params, opt_state, loss = step(params, opt_state)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] / 2, losses

@@ -1,0 +1,127 @@
+"""Unit tests for the DiT layers: RoPE, norms, embeddings, patchify, attention masking."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from klingjax.models.layers.attention import WanAttention
+from klingjax.models.layers.embeddings import PatchEmbed, patchify, timestep_embedding, unpatchify
+from klingjax.models.layers.norms import LayerNorm, RMSNorm
+from klingjax.models.layers.rope import apply_rope, rope_3d, rope_axis_dims
+
+# Tests jit whole computations (eager op-by-op dispatch compiles every op) at low XLA opt level: fast compiles.
+fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def test_rope_axis_dims_match_wan_split():
+    assert rope_axis_dims(128) == (44, 42, 42)  # Wan 1.3B / 14B heads
+    assert rope_axis_dims(32) == (12, 10, 10)
+    assert sum(rope_axis_dims(64)) == 64
+
+
+def test_rope_matches_complex_rotation():
+    """Each channel pair is multiplied by exp(i * pos * theta^(-2j/d_part)) for its axis position."""
+    grid, k, theta = (2, 3, 4), 32, 10000.0
+    x = np.asarray(jax.random.normal(jax.random.key(0), (1, math.prod(grid), 2, k)))
+    got = np.asarray(fast_jit(lambda x: apply_rope(x, *rope_3d(grid, k, theta)))(jnp.asarray(x)))
+
+    dims = rope_axis_dims(k)
+    pos = np.stack(np.meshgrid(*[np.arange(g) for g in grid], indexing="ij"), -1).reshape(-1, 3)  # (N, 3)
+    angles = np.concatenate(
+        [np.outer(pos[:, a], theta ** (-np.arange(0, d, 2) / d)) for a, d in enumerate(dims)], axis=1
+    )  # (N, K/2)
+    z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * angles)[None, :, None, :]
+    want = np.stack([z.real, z.imag], -1).reshape(x.shape)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_offset():
+    """q.k after RoPE is unchanged when both positions shift by the same 3D offset."""
+    grid, k = (4, 5, 6), 32
+    q = jax.random.normal(jax.random.key(1), (1, 1, 1, k))
+    kk = jax.random.normal(jax.random.key(2), (1, 1, 1, k))
+    index = lambda f, h, w: (f * grid[1] + h) * grid[2] + w
+
+    @fast_jit
+    def rotated_scores(q, kk):
+        """scores[i, j] = <rope(q at token i), rope(k at token j)> for all token pairs of the grid."""
+        n = math.prod(grid)
+        cos, sin = rope_3d(grid, k)
+        rq = apply_rope(jnp.broadcast_to(q, (1, n, 1, k)), cos, sin)  # (1, N, 1, K)
+        rk = apply_rope(jnp.broadcast_to(kk, (1, n, 1, k)), cos, sin)  # (1, N, 1, K)
+        return jnp.einsum("nk,mk->nm", rq[0, :, 0], rk[0, :, 0])  # (N, N)
+
+    scores = np.asarray(rotated_scores(q, kk))
+    score = lambda pq, pk: float(scores[index(*pq), index(*pk)])
+
+    offset = (1, 2, -3)
+    s1 = score((0, 0, 3), tuple(a + b for a, b in zip((0, 0, 3), offset)))
+    s2 = score((2, 1, 5), tuple(a + b for a, b in zip((2, 1, 5), offset)))
+    s3 = score((2, 1, 5), (2, 1, 5))
+    assert abs(s1 - s2) < 1e-4
+    assert abs(s1 - s3) > 1e-3  # a different offset gives a different score
+
+
+def test_norms_match_numpy():
+    x = np.asarray(jax.random.normal(jax.random.key(3), (2, 5, 16))) * 3 + 1
+    scale, bias = np.linspace(0.5, 2.0, 16), np.linspace(-1.0, 1.0, 16)
+
+    @fast_jit
+    def run(x):
+        ln = LayerNorm(16, eps=1e-6, affine=True)
+        ln.scale[...], ln.bias[...] = jnp.asarray(scale), jnp.asarray(bias)
+        rms = RMSNorm(16, eps=1e-6)
+        return ln(x), rms(x), rms(x.astype(jnp.bfloat16))
+
+    ln_out, rms_out, rms_bf16 = run(jnp.asarray(x))
+    want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(ln_out, want * scale + bias, atol=1e-5)
+    np.testing.assert_allclose(rms_out, x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6), atol=1e-5)
+    assert rms_bf16.dtype == jnp.bfloat16
+    assert LayerNorm(16, affine=False).scale is None
+
+
+def test_timestep_embedding_is_cos_then_sin():
+    t = jnp.array([0.0, 3.0, 999.0])
+    emb = np.asarray(timestep_embedding(t, 8))
+    freqs = np.exp(-math.log(10000) * np.arange(4) / 4)
+    args = np.asarray(t)[:, None] * freqs[None]
+    np.testing.assert_allclose(emb, np.concatenate([np.cos(args), np.sin(args)], -1), atol=1e-4)
+
+
+def test_patchify_roundtrip_and_patch_embed_is_strided_conv():
+    patch = (1, 2, 2)
+    x = jax.random.normal(jax.random.key(4), (2, 3, 4, 6, 5))
+    p = patchify(x, patch)
+    assert p.shape == (2, 3, 2, 3, 20)
+    np.testing.assert_array_equal(unpatchify(p.reshape(2, 18, 20), (3, 2, 3), patch), x)
+
+    @fast_jit
+    def run(x):
+        embed = PatchEmbed(patch, 5, 7, rngs=nnx.Rngs(0))
+        embed.bias[...] = jnp.arange(7.0)
+        conv = jax.lax.conv_general_dilated(
+            x, embed.kernel[...], window_strides=patch, padding="VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+        )  # (B, T, H, W, D)
+        return embed(x), conv.reshape(2, 18, 7) + jnp.arange(7.0)  # (B, N, D)
+
+    np.testing.assert_allclose(*run(x), atol=1e-5)
+
+
+def test_cross_attention_ignores_masked_keys():
+    x = jax.random.normal(jax.random.key(5), (2, 6, 16))
+    ctx = jax.random.normal(jax.random.key(6), (2, 5, 16))
+    mask = jnp.array([[True, True, True, False, False], [True] * 5])
+
+    @fast_jit
+    def run(x, ctx):
+        attn = WanAttention(16, 2, rngs=nnx.Rngs(0))
+        return attn(x, ctx, kv_mask=mask), attn(x, ctx.at[:, 3:].set(100.0), kv_mask=mask)
+
+    a, b = run(x, ctx)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5)  # padded keys of sample 0 are ignored
+    assert not np.allclose(a[1], b[1], atol=1e-3)  # sample 1 attends to all keys
