@@ -1,7 +1,8 @@
 """ODE samplers for rectified flow (t from 1 = noise to 0 = data) with classifier-free guidance.
 
-A velocity function `velocity_fn(x, t) -> v` with t a scalar array is all a sampler needs; `guided`
-turns a conditional model into one with CFG and negative prompts.
+A velocity function `velocity_fn(x, t, *args) -> v` with t a scalar array is all a sampler needs;
+`args` (e.g. model params) travel through the loop carry, so functions that must be traced inside the
+loop (NNX modules merged from state) can be rebuilt there. `guided` adds CFG and negative prompts.
 """
 
 from __future__ import annotations
@@ -28,40 +29,42 @@ class Sampler(enum.Enum):
 def guided(cond_fn: VelocityFn, uncond_fn: VelocityFn, scale: float) -> VelocityFn:
     """CFG: v = v_u + s (v_c - v_u); `uncond_fn` is the empty or negative prompt branch."""
 
-    def fn(x, t):
-        v_c = cond_fn(x, t)
+    def fn(x, t, *args):
+        v_c = cond_fn(x, t, *args)
         if scale == 1.0:
             return v_c
-        v_u = uncond_fn(x, t)
+        v_u = uncond_fn(x, t, *args)
         return v_u + scale * (v_c - v_u)
 
     return fn
 
 
-def _euler(velocity_fn: VelocityFn, x: jax.Array, ts: jax.Array) -> jax.Array:
-    def step(x, i):
+def _euler(velocity_fn: VelocityFn, x: jax.Array, ts: jax.Array, args: tuple) -> jax.Array:
+    def step(carry, i):
+        x, args = carry
         t, t_next = ts[i], ts[i + 1]
-        return x + (t_next - t) * velocity_fn(x, t), None
+        return (x + (t_next - t) * velocity_fn(x, t, *args), args), None
 
-    x, _ = jax.lax.scan(step, x, jnp.arange(ts.shape[0] - 1))
+    (x, _), _ = jax.lax.scan(step, (x, args), jnp.arange(ts.shape[0] - 1))
     return x
 
 
-def _heun(velocity_fn: VelocityFn, x: jax.Array, ts: jax.Array) -> jax.Array:
-    def step(x, i):
+def _heun(velocity_fn: VelocityFn, x: jax.Array, ts: jax.Array, args: tuple) -> jax.Array:
+    def step(carry, i):
+        x, args = carry
         t, t_next = ts[i], ts[i + 1]
-        v = velocity_fn(x, t)
+        v = velocity_fn(x, t, *args)
         x_euler = x + (t_next - t) * v
         # Trapezoid correction, except on the last step into t = 0 where the model is not evaluated.
-        v_next = velocity_fn(x_euler, jnp.maximum(t_next, 1e-4))
+        v_next = velocity_fn(x_euler, jnp.maximum(t_next, 1e-4), *args)
         x_heun = x + (t_next - t) * 0.5 * (v + v_next)
-        return jnp.where(t_next > 0, x_heun, x_euler), None
+        return (jnp.where(t_next > 0, x_heun, x_euler), args), None
 
-    x, _ = jax.lax.scan(step, x, jnp.arange(ts.shape[0] - 1))
+    (x, _), _ = jax.lax.scan(step, (x, args), jnp.arange(ts.shape[0] - 1))
     return x
 
 
-def _dpmpp_2m(velocity_fn: VelocityFn, x: jax.Array, ts: jax.Array) -> jax.Array:
+def _dpmpp_2m(velocity_fn: VelocityFn, x: jax.Array, ts: jax.Array, args: tuple) -> jax.Array:
     """DPM-Solver++(2M) in data prediction for the flow x_t = (1-t) x0 + t e (alpha = 1-t, sigma = t)."""
 
     def lam(t):  # log-SNR: log(alpha / sigma)
@@ -69,10 +72,10 @@ def _dpmpp_2m(velocity_fn: VelocityFn, x: jax.Array, ts: jax.Array) -> jax.Array
         return jnp.log1p(-t) - jnp.log(t)
 
     def step(carry, i):
-        x, d_prev, h_prev = carry
+        x, d_prev, h_prev, args = carry
         t, t_next = ts[i], ts[i + 1]
         t_eval = jnp.minimum(t, 1.0 - 1e-4)
-        d = x - t_eval * velocity_fn(x, t_eval)  # predicted x0
+        d = x - t_eval * velocity_fn(x, t_eval, *args)  # predicted x0
         h = lam(t_next) - lam(t_eval)
         r = h_prev / h
         d_2m = (1.0 + 1.0 / (2.0 * r)) * d - (1.0 / (2.0 * r)) * d_prev
@@ -81,10 +84,10 @@ def _dpmpp_2m(velocity_fn: VelocityFn, x: jax.Array, ts: jax.Array) -> jax.Array
         alpha_next, sigma_next = 1.0 - t_next, t_next
         x_next = (sigma_next / t_eval) * x - alpha_next * jnp.expm1(-h) * d_use
         x_next = jnp.where(t_next > 0, x_next, d_use)
-        return (x_next, d, h), None
+        return (x_next, d, h, args), None
 
-    init = (x, jnp.zeros_like(x), jnp.ones((), x.dtype))
-    (x, _, _), _ = jax.lax.scan(step, init, jnp.arange(ts.shape[0] - 1))
+    init = (x, jnp.zeros_like(x), jnp.ones((), x.dtype), args)
+    (x, _, _, _), _ = jax.lax.scan(step, init, jnp.arange(ts.shape[0] - 1))
     return x
 
 
@@ -92,8 +95,14 @@ _SOLVERS = {Sampler.EULER: _euler, Sampler.HEUN: _heun, Sampler.DPM_SOLVER_PP_2M
 
 
 def sample(
-    velocity_fn: VelocityFn, noise: jax.Array, *, num_steps: int, sampler: Sampler = Sampler.EULER, shift: float = 1.0
+    velocity_fn: VelocityFn,
+    noise: jax.Array,
+    *,
+    num_steps: int,
+    sampler: Sampler = Sampler.EULER,
+    shift: float = 1.0,
+    args: tuple = (),
 ) -> jax.Array:
-    """Integrate from t = 1 (`noise`) to t = 0 and return the sample."""
+    """Integrate from t = 1 (`noise`) to t = 0 and return the sample; `velocity_fn(x, t, *args)`."""
     ts = sampling_timesteps(num_steps, shift).astype(noise.dtype)
-    return _SOLVERS[sampler](velocity_fn, noise, ts)
+    return _SOLVERS[sampler](velocity_fn, noise, ts, tuple(args))

@@ -58,19 +58,22 @@ def _make_sample_fn(gen: VideoGenerator):
 
     @jax.jit
     def fn(dit_state, vae_state, ctx, mask, neg_ctx, neg_mask, noise):
-        dit = nnx.merge(dit_def, dit_state)
         vae = nnx.merge(vae_def, vae_state)
         both_ctx = jnp.concatenate([ctx, neg_ctx])  # (2B, L, D): conditional then negative/unconditional
         both_mask = jnp.concatenate([mask, neg_mask])
 
-        def velocity(x, t):
+        def velocity(x, t, dit_state):
             b = x.shape[0]
             tt = jnp.full((2 * b,), t * 1000.0, x.dtype)
+            # Params ride in the sampler's loop carry and the module is merged inside the loop body:
+            # NNX modules must live at the trace level they run in.
+            dit = nnx.merge(dit_def, dit_state)
             v = dit(jnp.concatenate([x, x]), tt, both_ctx, both_mask)  # (2B, t, h, w, c)
             v_c, v_u = v[:b], v[b:]
             return v_u + cfg.cfg_scale * (v_c - v_u)
 
-        z = samplers.sample(velocity, noise, num_steps=cfg.num_steps, sampler=cfg.sampler, shift=shift)
+        z = samplers.sample(velocity, noise, num_steps=cfg.num_steps, sampler=cfg.sampler, shift=shift,
+                            args=(dit_state,))
         z = z * std + mean  # back to the VAE's latent scale
         x = vae.decode_streaming(z)  # (B, T, H, W, 3) in [-1, 1]; constant memory in T
         return jnp.round((x + 1.0) * 127.5).clip(0, 255).astype(jnp.uint8)

@@ -222,7 +222,9 @@ def load_minilm(path: str | None = None) -> FrozenTextEncoder:
     path = minilm_dir() if path is None else path
     missing = [f for f in _FILES if not os.path.isfile(os.path.join(path, f))]
     if missing:
-        raise FileNotFoundError(f"{path} lacks {missing}; expected the model folder of `{MINILM_PACKAGE}` ({MINILM_PIP})")
+        raise FileNotFoundError(
+            f"{path} lacks {missing}; expected the model folder of `{MINILM_PACKAGE}` ({MINILM_PIP})"
+        )
     config_file = os.path.join(path, "config.json")
     cfg = BertConfig()
     if os.path.isfile(config_file):

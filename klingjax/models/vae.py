@@ -70,10 +70,12 @@ class VAEConfig:
 
     @property
     def spatial_factor(self) -> int:
+        """Downsampling factor of height and width."""
         return 2 ** (len(self.dim_mult) - 1)
 
     @property
     def temporal_factor(self) -> int:
+        """Downsampling factor of time (after the first frame)."""
         return 2 ** sum(self.temporal_downsample)
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
@@ -83,11 +85,11 @@ class VAEConfig:
 
 
 VAE_VARIANTS: dict[str, VAEConfig] = {
-    # unit tests: 4x spatial, 4x temporal, a few thousand params per conv
+    # unit tests: 4x spatial, 4x temporal, 0.16M params
     "tiny": VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1, temporal_downsample=(True, True)),
-    # trainable on 2 CPU cores: 17x32x32 clips -> 5x8x8x8 latents
+    # trainable on 2 CPU cores (7.3M params): 17x32x32 clips -> 5x8x8x8 latents
     "demo": VAEConfig(base_dim=32, z_dim=8, dim_mult=(1, 2, 4), num_res_blocks=1, temporal_downsample=(True, True)),
-    # Wan 2.1 VAE (Wan-AI/Wan2.1-T2V-*-Diffusers/vae): 4x8x8, 16 latent channels
+    # Wan 2.1 VAE (Wan-AI/Wan2.1-T2V-*-Diffusers/vae, 126.9M params): 4x8x8, 16 latent channels
     "wan2.1": VAEConfig(),
 }
 
@@ -154,8 +156,9 @@ class WanDecoder3d(nnx.Module):
             mode = None
             if i != len(mults) - 1:
                 mode = ResampleMode.UPSAMPLE3D if temporal_upsample[i] else ResampleMode.UPSAMPLE2D
-            blocks.append(WanUpBlock(in_dim, out_dim, cfg.num_res_blocks, dropout=cfg.dropout, upsample_mode=mode,
-                                     **kw))
+            blocks.append(
+                WanUpBlock(in_dim, out_dim, cfg.num_res_blocks, dropout=cfg.dropout, upsample_mode=mode, **kw)
+            )
         self.up_blocks = nnx.List(blocks)
         self.norm_out = WanRMSNorm(dims[-1], param_dtype=cfg.param_dtype, rngs=rngs)
         self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, (3, 3, 3), padding=(1, 1, 1), **kw)
@@ -215,6 +218,13 @@ class CausalVAE(nnx.Module):
         if z.ndim != 5 or z.shape[-1] != self.cfg.z_dim:
             raise ValueError(f"expected latents (B, t, h, w, {self.cfg.z_dim}), got shape {z.shape}")
 
+    def _check_inference(self) -> None:
+        # Dropout would have to mutate its RNG inside the scan; streaming is for inference only.
+        if self.cfg.dropout > 0 and any(
+            isinstance(m, nnx.Dropout) and not m.deterministic for _, m in nnx.iter_graph(self)
+        ):
+            raise ValueError(f"streaming encode/decode with dropout={self.cfg.dropout}: call model.eval() first")
+
     def _moments(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
         h, _ = self.quant_conv(h)  # (B, t, h, w, 2z)
         mean, logvar = jnp.split(h, 2, axis=-1)  # each (B, t, h, w, z)
@@ -249,6 +259,7 @@ class CausalVAE(nnx.Module):
     def encode_streaming(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """As `encode`, but frame 0 then a scan over chunks of `temporal_factor` frames with a frame cache."""
         self._check_video(x)
+        self._check_inference()
         b, t, hh, ww, c = x.shape
         tf = self.cfg.temporal_factor
         h0, cache = self.encoder(x[:, :1], first=True)  # (B, 1, h, w, 2z)
@@ -268,6 +279,7 @@ class CausalVAE(nnx.Module):
     def decode_streaming(self, z: jax.Array, *, clip: bool = True) -> jax.Array:
         """As `decode`, but one latent frame at a time (a scan after frame 0) with a frame cache."""
         self._check_latents(z)
+        self._check_inference()
         b, t = z.shape[:2]
         x0, cache = self.decoder(self.post_quant_conv(z[:, :1])[0], first=True)  # (B, 1, H, W, 3)
         if t > 1:

@@ -42,15 +42,25 @@ class ResampleMode(enum.Enum):
 class WanResidualBlock(nnx.Module):
     """norm-SiLU-conv twice plus a (1x1x1 conv) shortcut: (B, T, H, W, in_dim) -> (B, T, H, W, out_dim)."""
 
-    def __init__(self, in_dim: int, out_dim: int, *, dropout: float = 0.0, dtype: DTypeLike = jnp.float32,
-                 param_dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        dropout: float = 0.0,
+        dtype: DTypeLike = jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = WanRMSNorm(in_dim, param_dtype=param_dtype, rngs=rngs)
         self.conv1 = CausalConv3d(in_dim, out_dim, (3, 3, 3), padding=(1, 1, 1), **kw)
         self.norm2 = WanRMSNorm(out_dim, param_dtype=param_dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs if dropout > 0 else None)
         self.conv2 = CausalConv3d(out_dim, out_dim, (3, 3, 3), padding=(1, 1, 1), **kw)
-        self.conv_shortcut = CausalConv3d(in_dim, out_dim, (1, 1, 1), padding=(0, 0, 0), **kw) if in_dim != out_dim else None
+        self.conv_shortcut = (
+            CausalConv3d(in_dim, out_dim, (1, 1, 1), padding=(0, 0, 0), **kw) if in_dim != out_dim else None
+        )
 
     def __call__(self, x: jax.Array, cache: Cache = None) -> tuple[jax.Array, Cache]:
         """Returns (y, {"conv1": ..., "conv2": ...})."""
@@ -64,8 +74,9 @@ class WanResidualBlock(nnx.Module):
 class WanAttentionBlock(nnx.Module):
     """Single-head self-attention within each frame (no temporal mixing): (B, T, H, W, C) -> same."""
 
-    def __init__(self, dim: int, *, dtype: DTypeLike = jnp.float32, param_dtype: DTypeLike = jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, *, dtype: DTypeLike = jnp.float32, param_dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs
+    ):
         kw = dict(kernel_size=1, padding=((0, 0), (0, 0)), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = WanRMSNorm(dim, param_dtype=param_dtype, rngs=rngs)
         self.to_qkv = FrameConv2d(dim, 3 * dim, **kw)
@@ -89,8 +100,16 @@ def _nearest_up2(x: jax.Array) -> jax.Array:
 class WanResample(nnx.Module):
     """Wan's resampler: 2x spatial up/down (per-frame conv), plus 2x temporal via `time_conv` in "3d" modes."""
 
-    def __init__(self, dim: int, mode: ResampleMode, *, upsample_out_dim: int | None = None,
-                 dtype: DTypeLike = jnp.float32, param_dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        mode: ResampleMode,
+        *,
+        upsample_out_dim: int | None = None,
+        dtype: DTypeLike = jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mode = mode
         self.upsample = mode in (ResampleMode.UPSAMPLE2D, ResampleMode.UPSAMPLE3D)
@@ -149,8 +168,16 @@ class WanResample(nnx.Module):
 class WanMidBlock(nnx.Module):
     """resnet, then (attention, resnet) x num_layers, at constant width: (B, T, H, W, C) -> same."""
 
-    def __init__(self, dim: int, *, dropout: float = 0.0, num_layers: int = 1, dtype: DTypeLike = jnp.float32,
-                 param_dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        dropout: float = 0.0,
+        num_layers: int = 1,
+        dtype: DTypeLike = jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.resnets = nnx.List([WanResidualBlock(dim, dim, dropout=dropout, **kw) for _ in range(num_layers + 1)])
         self.attentions = nnx.List([WanAttentionBlock(dim, **kw) for _ in range(num_layers)])
@@ -169,9 +196,18 @@ class WanMidBlock(nnx.Module):
 class WanUpBlock(nnx.Module):
     """Decoder stage: (num_res_blocks + 1) resnets then an optional upsampler in `upsamplers[0]`."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, *, dropout: float = 0.0,
-                 upsample_mode: ResampleMode | None = None, dtype: DTypeLike = jnp.float32,
-                 param_dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_res_blocks: int,
+        *,
+        dropout: float = 0.0,
+        upsample_mode: ResampleMode | None = None,
+        dtype: DTypeLike = jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         dims = [in_dim] + [out_dim] * (num_res_blocks + 1)
         self.resnets = nnx.List([WanResidualBlock(i, o, dropout=dropout, **kw) for i, o in zip(dims[:-1], dims[1:])])

@@ -47,8 +47,9 @@ def state_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh, rules: R
     def sharding(v: nnx.Variable) -> NamedSharding:
         names = v.get_metadata().get("out_sharding")
         spec = logical_to_mesh(names, rules) if names else PartitionSpec()
-        return NamedSharding(mesh, fit_spec_to_shape(spec, v.shape, mesh))
+        return v.replace(NamedSharding(mesh, fit_spec_to_shape(spec, v.shape, mesh)))
 
+    # Leaves stay wrapped in their Variables, so the tree matches the state's structure exactly.
     return jax.tree.map(sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

@@ -70,13 +70,15 @@ def test_scan_and_loop_give_same_output(tiny_state):
 
 
 def test_remat_policies_same_output_and_gradient(tiny_state):
+    one_layer = dataclasses.replace(TINY, num_layers=1)  # remat wraps each block alike: one is enough
+    state = nnx.State({**tiny_state, "blocks": jax.tree.map(lambda a: a[:1], tiny_state["blocks"])})  # layer 0
     latents, t, ctx, mask = _inputs()
     results = []
     for policy in RematPolicy:
-        cfg = dataclasses.replace(TINY, remat=policy)
+        cfg = dataclasses.replace(one_layer, remat=policy)
         graphdef = nnx.graphdef(nnx.eval_shape(lambda cfg=cfg: WanDiT(cfg, rngs=nnx.Rngs(0))))
         loss = lambda s, g=graphdef: jnp.mean(nnx.merge(g, s)(latents, t, ctx, mask) ** 2)
-        results.append(fast_jit(jax.value_and_grad(loss))(tiny_state))
+        results.append(fast_jit(jax.value_and_grad(loss))(state))
     for value, grads in results[1:]:
         np.testing.assert_allclose(value, results[0][0], rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, results[0][1])
@@ -138,3 +140,52 @@ def test_short_overfit_reduces_mse():
         params, opt_state, loss = step(params, opt_state)
         losses.append(float(loss))
     assert losses[-1] < losses[0] / 2, losses
+
+
+def _torch_to_ours(w: np.ndarray, leaf: str) -> np.ndarray:
+    return w.transpose(2, 3, 4, 1, 0) if w.ndim == 5 else (w.T if leaf == "kernel" else w)
+
+
+def _state_from_diffusers(sd: dict[str, np.ndarray], cfg) -> nnx.State:
+    """Our params from a diffusers WanTransformer3DModel state dict: Linear weight -> kernel.T, norm weight ->
+    scale, Conv3d weight (D, C, pt, ph, pw) -> (pt, ph, pw, C, D), blocks.{i}.* stacked on the layers axis."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))
+    for path, var in nnx.to_flat_state(state):
+        *module, leaf = [str(p) for p in path]
+        name = ".".join([*module, {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
+        fix = functools.partial(_torch_to_ours, leaf=leaf)
+        if module[:1] == ["blocks"]:
+            value = np.stack([fix(sd[f"blocks.{i}." + name[len("blocks.") :]]) for i in range(cfg.num_layers)])
+        else:
+            value = fix(sd[name])
+        var.set_value(jnp.asarray(value))
+    return state
+
+
+@pytest.mark.torch
+def test_matches_diffusers_wan_transformer():
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=TINY.num_heads,
+        attention_head_dim=TINY.head_dim,
+        in_channels=TINY.in_channels,
+        out_channels=TINY.out_channels,
+        text_dim=TINY.text_dim,
+        freq_dim=TINY.freq_dim,
+        ffn_dim=TINY.ffn_dim,
+        num_layers=TINY.num_layers,
+    ).eval()
+    with torch.no_grad():  # random everything, norms included, so every parameter matters
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    latents, t, ctx, _ = _inputs(t=3, h=8, w=4)
+    with torch.no_grad():
+        want = ref(torch.tensor(np.asarray(latents)).permute(0, 4, 1, 2, 3), torch.tensor(np.asarray(t)),
+                   torch.tensor(np.asarray(ctx)), return_dict=False)[0].permute(0, 2, 3, 4, 1).numpy()  # fmt: skip
+    state = _state_from_diffusers({k: v.numpy() for k, v in ref.state_dict().items()}, TINY)
+    with jax.default_matmul_precision("highest"):
+        got = _forward(TINY)(state, latents, t, ctx, None)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -97,22 +97,22 @@ def test_bad_sizes_raise(model):
 
 
 def test_causality(model):
-    """Changing frame 5 leaves latents 0-1 and decoded frames 0-4 untouched, and changes the rest."""
+    """Through the train path: changing frame 5 leaves latents 0-1 and outputs 0-4 untouched, changes the rest."""
 
     @functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
-    def encode_decode(state, x):
-        m = nnx.merge(graphdef, state)
-        mean, _ = m.encode(x)
-        return mean, m.decode(mean, clip=False)
+    def forward(state, x):
+        recon, mean, _ = nnx.merge(graphdef, state)(x, rngs_or_key=jax.random.key(0))  # same noise both times
+        return mean, recon
 
     graphdef, state = nnx.split(model)
     x = _video(9)
     y = x.at[:, 5].set(-x[:, 5])
-    (za, xa), (zb, xb) = encode_decode(state, x), encode_decode(state, y)
-    np.testing.assert_allclose(za[:, :2], zb[:, :2], atol=1e-6)
-    np.testing.assert_allclose(xa[:, :5], xb[:, :5], atol=1e-6)
-    assert jnp.abs(za[:, 2] - zb[:, 2]).max() > 1e-3
-    assert jnp.abs(xa[:, 5:] - xb[:, 5:]).max() > 1e-3
+    (za, xa), (zb, xb) = forward(state, x), forward(state, y)
+    assert xa.shape == x.shape and bool(jnp.all(jnp.isfinite(xa)))
+    np.testing.assert_array_equal(za[:, :2], zb[:, :2])
+    np.testing.assert_array_equal(xa[:, :5], xb[:, :5])
+    assert float(jnp.abs(za[:, 2] - zb[:, 2]).max()) > 1e-5
+    assert float(jnp.abs(xa[:, 5:] - xb[:, 5:]).max(axis=(0, 2, 3, 4)).min()) > 1e-5  # every later frame changes
 
 
 def test_streaming_encode_matches_full(model):
@@ -162,16 +162,33 @@ def test_params_shard_with_vae_rules(model):
     params = nnx.state(model, nnx.Param)
     with nnx.logical_axis_rules(get_rules("fsdp", "vae")):
         specs = nnx.get_partition_spec(params)
-    shardings = jax.tree.map(
-        lambda s, p: NamedSharding(mesh, fit_spec_to_shape(s, p.shape, mesh)), specs, params,
-        is_leaf=lambda x: isinstance(x, P),
-    )
-    placed = jax.device_put(params, shardings)
-    kernel = placed["encoder"]["conv_in"]["kernel"][...]  # (3, 3, 3, 3, 8): 8 output channels over 8 devices
+    at = lambda tree, path: functools.reduce(lambda t, k: t[k], path, tree)
+    placed = {}
+    for path in [("encoder", "conv_in", "kernel"), ("decoder", "conv_out", "kernel")]:
+        value = at(params, path)[...]
+        spec = fit_spec_to_shape(at(specs, path).get_value(), value.shape, mesh)
+        placed[path] = jax.device_put(value, NamedSharding(mesh, spec))
+    kernel = placed["encoder", "conv_in", "kernel"]  # (3, 3, 3, 3, 8): 8 output channels over 8 devices
     assert kernel.sharding.spec == P(None, None, None, None, "fsdp")
     assert kernel.addressable_shards[0].data.shape == (3, 3, 3, 3, 1)
-    rgb_out = placed["decoder"]["conv_out"]["kernel"][...]  # 3 output channels: replicated
+    rgb_out = placed["decoder", "conv_out", "kernel"]  # 3 output channels: replicated
     assert rgb_out.sharding.spec == P(None, None, None, None, None)
+
+
+def test_sharded_forward_matches_single_device(model):
+    """Batch over data x fsdp and height over context (VAE fsdp_cp rules) gives single-device numerics."""
+    graphdef, state = nnx.split(model)
+    x = _video(1, seed=3)[:1].repeat(8, axis=0)  # (8, 1, H, W, 3): an image batch keeps the compile small
+
+    def forward(state, x):
+        m = nnx.merge(graphdef, state)
+        return m.decode(m.encode(x)[0], clip=False)
+
+    ref = jax.jit(forward, compiler_options=_FAST_COMPILE)(state, x)
+    with jax.set_mesh(make_mesh((2, 2, 2, 1))), nnx.logical_axis_rules(get_rules("fsdp_cp", "vae")):
+        # A fresh jit: flax's rules context is not part of jax's trace cache key.
+        out = jax.jit(lambda s, x: forward(s, x), compiler_options=_FAST_COMPILE)(state, x)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_kl_divergence():
@@ -182,25 +199,32 @@ def test_kl_divergence():
 
 
 def test_training_reduces_reconstruction_loss():
-    """30 Adam steps on a fixed batch of smooth moving-gradient clips cut the MSE by more than 2x."""
+    """30 Adam steps on a fixed batch of smooth moving clips cut the reconstruction MSE by more than 2x."""
     model = CausalVAE(CFG, rngs=nnx.Rngs(1))
     opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
     tt, yy, xx = jnp.meshgrid(jnp.arange(5.0), jnp.linspace(-1, 1, HW), jnp.linspace(-1, 1, HW), indexing="ij")
-    phase = jnp.array([0.0, 1.0, 2.0, 3.0])[:, None, None, None, None]
-    video = jnp.stack([jnp.sin(2 * xx + 0.3 * tt), jnp.cos(2 * yy - 0.3 * tt), xx * yy], -1)[None]  # (1,5,H,W,3)
-    video = jnp.sin(video * 2 + phase)  # (4, 5, H, W, 3)
+    phase = jnp.array([0.0, 2.0])[:, None, None, None, None]
+    video = jnp.stack([xx + 0.2 * tt, yy - 0.2 * tt, xx * yy], -1)[None]  # (1, 5, H, W, 3)
+    video = 0.9 * jnp.sin(1.5 * video + phase)  # (2, 5, H, W, 3)
 
-    def loss_fn(m, key):
-        recon, mean, logvar = m(video, rngs_or_key=key)
+    def loss_fn(m):
+        mean, logvar = m.encode(video)
+        recon = m.decode(mean, clip=False)
         return jnp.mean(jnp.square(recon - video)) + 1e-6 * kl_divergence(mean, logvar).mean()
 
-    @nnx.jit(compiler_options=_FAST_COMPILE)
-    def step(m, opt, key):
-        loss, grads = nnx.value_and_grad(loss_fn)(m, key)
-        opt.update(m, grads)
-        return loss
+    graphdef, state = nnx.split((model, opt))
 
-    losses = [float(step(model, opt, jax.random.key(i))) for i in range(30)]
+    @functools.partial(jax.jit, compiler_options=_FAST_COMPILE, donate_argnums=0)
+    def step(state):
+        m, o = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(loss_fn)(m)
+        o.update(m, grads)
+        return nnx.state((m, o)), loss
+
+    losses = []
+    for _ in range(30):
+        state, loss = step(state)
+        losses.append(float(loss))
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.5 * losses[0], losses
     assert losses[-1] < 0.5 * float(jnp.var(video)), losses  # better than predicting a constant

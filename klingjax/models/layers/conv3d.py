@@ -17,6 +17,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 from jax.typing import DTypeLike
 
 CONV3D_AXES = ("conv_t", "conv_h", "conv_w", "conv_in", "conv_out")
@@ -40,9 +41,19 @@ def logical_param(init: Callable, names: tuple[str, ...], key, shape: tuple[int,
     return nnx.Param(nnx.with_partitioning(init, names, eager_sharding=False)(key, shape, dtype))
 
 
+def _gathered(kernel: jax.Array) -> jax.Array:
+    """Replicate a kernel at its use under a mesh (the FSDP all-gather); a no-op without one."""
+    # Also required for correctness: XLA's SPMD partitioner (jax 0.10.2, CPU) otherwise may split the kernel's
+    # kh axis of an in-graph reshaped kernel when activations are split over H, and return wrong values.
+    if jax.sharding.get_abstract_mesh().empty:
+        return kernel
+    return jax.lax.with_sharding_constraint(kernel, PartitionSpec())
+
+
 def _conv2d_frames(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
     """2D convolution applied to every frame: (B, T, H, W, Cin) x (kh, kw, Cin, Cout) -> (B, T, H', W', Cout)."""
     b, t, h, w, c = x.shape
+    kernel = _gathered(kernel)
     if kernel.shape[:2] == (1, 1) and stride == 1:
         return jnp.einsum("bthwc,co->bthwo", x, kernel[0, 0])  # (B, T, H, W, Cout)
     y = jax.lax.conv_general_dilated(
@@ -85,8 +96,9 @@ class CausalConv3d(nnx.Module):
     ):
         if stride[1:] != (1, 1):
             raise ValueError(f"CausalConv3d supports temporal stride only, got stride={stride}")
-        self.kernel = logical_param(kernel_init, CONV3D_AXES, rngs.params(), (*kernel_size, in_features, out_features),
-                                    param_dtype)
+        self.kernel = logical_param(
+            kernel_init, CONV3D_AXES, rngs.params(), (*kernel_size, in_features, out_features), param_dtype
+        )
         self.bias = logical_param(nnx.initializers.zeros, BIAS_AXES, rngs.params(), (out_features,), param_dtype)
         self.stride_t = stride[0]
         self.pad_t = 2 * padding[0]  # all temporal padding goes in front (causal); also the cache length
@@ -140,7 +152,9 @@ class WanRMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, bias: bool = False, param_dtype: DTypeLike = jnp.float32, rngs: nnx.Rngs):
         self.gamma = logical_param(nnx.initializers.ones, NORM_AXES, rngs.params(), (dim,), param_dtype)
-        self.bias = logical_param(nnx.initializers.zeros, NORM_AXES, rngs.params(), (dim,), param_dtype) if bias else None
+        self.bias = (
+            logical_param(nnx.initializers.zeros, NORM_AXES, rngs.params(), (dim,), param_dtype) if bias else None
+        )
         self.scale = dim**0.5
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -1,0 +1,66 @@
+"""Config validation: bad configs fail before compiling, naming the key."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from experiments import demo
+from klingjax.config import ConfigError, ExperimentConfig, to_experiment
+from klingjax.diffusion.samplers import Sampler
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_demo_configs_validate():
+    for arg in (None, "runlocal"):
+        exp = to_experiment(demo.get_config(arg))
+        assert isinstance(exp, ExperimentConfig) and exp.sample.sampler is Sampler.EULER
+    assert to_experiment(demo.get_config("runlocal")).data.num_train < to_experiment(demo.get_config()).data.num_train
+
+
+def test_unknown_key_names_the_key():
+    c = demo.get_config("runlocal").to_dict()
+    c["dit"]["optim"]["lrr"] = 1.0
+    with pytest.raises(ConfigError, match=r"unknown config key 'dit\.optim\.lrr'"):
+        to_experiment(c)
+
+
+@pytest.mark.parametrize(
+    "path, value, pattern",
+    [
+        (("sample", "sampler"), "rk45", r"'sample\.sampler'.*not one of"),
+        (("data", "num_frames"), 16, r"'data\.num_frames'.*1 \+ 4k"),
+        (("vae", "batch_size"), 0, r"'vae\.batch_size'"),
+        (("dit", "steps"), "many", r"'dit\.steps': expected int"),
+        (("stages",), ["data", "train"], r"'stages'.*unknown stage"),
+    ],
+)
+def test_bad_values_name_the_key(path, value, pattern):
+    c = demo.get_config("runlocal").to_dict()
+    node = c
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=pattern):
+        to_experiment(c)
+
+
+def test_unknown_key_on_command_line_fails_fast_naming_it(tmp_path):
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "klingjax.train.main", "--config", "experiments/demo.py:runlocal",
+         "--workdir", str(tmp_path), "--config.vae.stepz=3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "stepz" in proc.stderr
+    assert not os.listdir(tmp_path)  # failed before any work
+    assert time.time() - t0 < 60
+
+
+def test_bad_variant_argument():
+    with pytest.raises(ValueError, match="unknown arg"):
+        demo.get_config("huge")
