@@ -2,7 +2,7 @@
 
     python -m data_pipelines.make_synthetic --output /tmp/synth --num_train 2000 --num_eval 200 --seed 0
 
-Writes DIR/train-XXXXX-of-YYYYY.array_record, DIR/eval-..., and DIR/manifest.json last (its presence
+Writes DIR/train-NNNNN-of-MMMMM.array_record, DIR/eval-..., and DIR/manifest.json last (its presence
 means the dataset is complete). Records follow the video schema of `klingjax.data.records`.
 """
 

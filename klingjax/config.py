@@ -79,6 +79,7 @@ class StageConfig:
     variant: str = "demo"
     model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     batch_size: int = 16  # global
+    num_frames: int = 0  # training clip length (centre crop, 1 + 4k); 0: data.num_frames
     steps: int = 1000
     max_steps_per_run: int = 0  # > 0: stop (after checkpointing) once this many steps ran in this process
     optim: OptimConfig = OptimConfig()
@@ -186,6 +187,8 @@ def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Expe
         for key in ("batch_size", "steps", "log_every", "checkpoint_every"):
             if getattr(s, key) <= 0:
                 raise ConfigError(f"config key '{name}.{key}': must be positive, got {getattr(s, key)}")
+        if s.num_frames and ((s.num_frames - 1) % 4 or s.num_frames > d.num_frames):
+            raise ConfigError(f"config key '{name}.num_frames': {s.num_frames} must be 1 + 4k and <= data.num_frames")
         if not 0.0 <= s.caption_dropout < 1.0:
             raise ConfigError(f"config key '{name}.caption_dropout': must be in [0, 1), got {s.caption_dropout}")
         if s.optim.lr <= 0:

@@ -54,7 +54,8 @@ def _fingerprint(local: Mapping[str, np.ndarray], key: str) -> int:
     return zlib.adler32(np.ascontiguousarray(local[key]).tobytes()[:1 << 16])
 
 
-def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sharding.Mesh, seed: int) -> dict[str, Any]:
+def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sharding.Mesh,
+                seed: int) -> dict[str, Any]:
     """Train one stage to cfg.steps, resuming from the stage's latest checkpoint if there is one."""
     # --- Setup -------------------------------------------------------------------------------------
     out_dir = stage_dir(workdir, spec.name)

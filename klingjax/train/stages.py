@@ -20,7 +20,6 @@ from klingjax.models.dit import WanDiT, dit_config
 from klingjax.models.vae import VAE_VARIANTS, CausalVAE, VAEConfig, kl_divergence
 from klingjax.train.loop import StageSpec
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Paths and model configs
 # ---------------------------------------------------------------------------------------------------------
@@ -45,7 +44,8 @@ def vae_config(exp: ExperimentConfig) -> VAEConfig:
 def dit_model_config(exp: ExperimentConfig, text_dim: int):
     """The DiT variant with channels tied to the VAE and the text width tied to the text encoder."""
     z = vae_config(exp).z_dim
-    return dit_config(exp.dit.variant, in_channels=z, out_channels=z, text_dim=text_dim, **dict(exp.dit.model_overrides))
+    overrides = dict(exp.dit.model_overrides)
+    return dit_config(exp.dit.variant, in_channels=z, out_channels=z, text_dim=text_dim, **overrides)
 
 
 def latent_grid(exp: ExperimentConfig) -> tuple[int, int, int, int]:
@@ -95,7 +95,9 @@ def vae_stage(exp: ExperimentConfig, workdir: str, on_sample=None) -> StageSpec:
         return l1 + cfg.kl_weight * kl, {"l1": l1, "kl": kl, "psnr": psnr(jnp.clip(recon, -1, 1), x)}
 
     def dataset(per_host: int, seed: int, index: int, count: int):
-        decode = functools.partial(_video_only, num_frames=d.num_frames, height=d.height, width=d.width)
+        # A causal VAE is convolutional in time: short clips train it for any length, at a fraction of the cost.
+        frames = cfg.num_frames or d.num_frames
+        decode = functools.partial(_video_only, num_frames=frames, height=d.height, width=d.width)
         return make_dataset(list_shards(data_dir(exp, workdir), "train"), decode=decode, batch_size=per_host,
                             seed=seed, shuffle=True, num_epochs=None, process_index=index, process_count=count,
                             worker_count=d.worker_count)
@@ -126,7 +128,8 @@ def _latent_example(record: dict, *, mean: np.ndarray, std: np.ndarray) -> dict:
     }
 
 
-def dit_stage(exp: ExperimentConfig, workdir: str, null_text: tuple[np.ndarray, np.ndarray], on_sample=None) -> StageSpec:
+def dit_stage(exp: ExperimentConfig, workdir: str, null_text: tuple[np.ndarray, np.ndarray],
+              on_sample=None) -> StageSpec:
     """Stage "dit": rectified-flow training on cached latents with caption dropout to the empty prompt.
 
     `null_text` is the text encoder's (hidden (L, D), mask (L,)) of the empty prompt.
