@@ -53,6 +53,7 @@ class DataConfig:
     width: int = 32
     num_shards: int = 4
     heldout_fraction: float = 0.1
+    sprite_size: tuple[float, ...] = (6.0, 10.0)  # (min, max) sprite bbox width in px
     worker_count: int = 0
     path: str = ""  # empty: <workdir>/data
 

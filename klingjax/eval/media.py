@@ -6,16 +6,14 @@ Small clips (e.g. 32x32) are enlarged by an integer `scale` with nearest-neighbo
 
 from __future__ import annotations
 
-import fractions
 import math
 import os
 from collections.abc import Sequence
 
-import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-_CODECS = ("libx264", "mpeg4")  # first one available wins
+from klingjax.data.video_io import decode_video, encode_mp4
 
 
 def _check_frames(frames: np.ndarray, name: str = "frames") -> np.ndarray:
@@ -44,46 +42,17 @@ def upscale(frames: np.ndarray, scale: int) -> np.ndarray:
     return np.repeat(np.repeat(frames, scale, axis=-3), scale, axis=-2)
 
 
-def _pad_even(frames: np.ndarray) -> np.ndarray:
-    """Edge-pad (T, H, W, 3) on the bottom/right to even H and W (yuv420p needs even sizes)."""
-    _, h, w, _ = frames.shape
-    return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-
-
-def available_codec() -> str:
-    """The mp4 video codec used: libx264 if PyAV's FFmpeg has it, else mpeg4."""
-    for name in _CODECS:
-        try:
-            av.codec.Codec(name, "w")
-            return name
-        except Exception:  # noqa: BLE001 - PyAV raises different errors across versions
-            continue
-    raise RuntimeError(f"none of the video encoders {_CODECS} is available in PyAV")
-
-
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, *, scale: int = 1, crf: int = 18) -> None:
     """Write uint8 frames (T, H, W, 3) to an H.264 (or MPEG-4) yuv420p mp4, upscaled by `scale`."""
-    arr = _pad_even(upscale(_check_frames(frames), scale))
-    _, h, w, _ = arr.shape
-    codec = available_codec()
-    rate = fractions.Fraction(fps).limit_denominator(1001)
-    with av.open(os.fspath(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        if codec == "libx264":
-            stream.options = {"crf": str(crf), "preset": "medium"}
-        else:
-            stream.bit_rate = max(1_000_000, 8 * w * h * int(math.ceil(fps)))
-        for frame in arr:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        container.mux(stream.encode())  # flush
+    data = encode_mp4(upscale(_check_frames(frames), scale), fps, crf=crf)
+    with open(os.fspath(path), "wb") as f:
+        f.write(data)
 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:
     """Decode a video file to uint8 frames (T, H, W, 3) with PyAV."""
-    with av.open(os.fspath(path)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    return np.stack(frames)
+    with open(os.fspath(path), "rb") as f:
+        return decode_video(f.read())
 
 
 def write_gif(path: str | os.PathLike, frames: np.ndarray, fps: float, *, scale: int = 1, loop: int = 0) -> None:

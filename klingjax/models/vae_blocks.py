@@ -71,6 +71,11 @@ class WanResidualBlock(nnx.Module):
         return x + h, {"conv1": c1, "conv2": c2}
 
 
+def _zeros_init(key: jax.Array, shape: tuple[int, ...], dtype: DTypeLike = jnp.float32) -> jax.Array:
+    del key
+    return jnp.zeros(shape, dtype)
+
+
 class WanAttentionBlock(nnx.Module):
     """Single-head self-attention within each frame (no temporal mixing): (B, T, H, W, C) -> same."""
 
@@ -80,7 +85,9 @@ class WanAttentionBlock(nnx.Module):
         kw = dict(kernel_size=1, padding=((0, 0), (0, 0)), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = WanRMSNorm(dim, param_dtype=param_dtype, rngs=rngs)
         self.to_qkv = FrameConv2d(dim, 3 * dim, **kw)
-        self.proj = FrameConv2d(dim, dim, **kw)
+        # Zero-initialised output (as Wan's original AttentionBlock): at init, near-uniform attention would add
+        # one pooled vector to every pixel, which channel-RMS-norm then turns into a mean-image trap.
+        self.proj = FrameConv2d(dim, dim, kernel_init=_zeros_init, **kw)
 
     def __call__(self, x: jax.Array, cache: Cache = None) -> tuple[jax.Array, Cache]:
         """Returns (y, None): attention needs no frame cache."""

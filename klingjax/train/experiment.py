@@ -43,7 +43,7 @@ def run_data(exp: ExperimentConfig, workdir: str) -> dict:
     out = stages.data_dir(exp, workdir)
     if jax.process_index() == 0:
         spec = SyntheticSpec(num_frames=d.num_frames, height=d.height, width=d.width,
-                             heldout_fraction=d.heldout_fraction)
+                             heldout_fraction=d.heldout_fraction, size_range=tuple(d.sprite_size))
         write_synthetic_dataset(out, spec, exp.seed, d.num_train, d.num_eval, d.num_shards)
     multihost_utils.sync_global_devices("synthetic_data_written")
     return {"data_dir": out}

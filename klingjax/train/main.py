@@ -10,6 +10,7 @@ local processes pass --coordinator_address=127.0.0.1:PORT --num_processes=N --pr
 
 from __future__ import annotations
 
+import logging as pylogging
 import os
 
 import jax
@@ -37,8 +38,17 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+class _QuietLibraries(pylogging.Filter):
+    """Drop INFO records from Orbax and Grain (one line per file written); keep warnings and errors."""
+
+    def filter(self, record) -> bool:
+        noisy = "/orbax/" in record.pathname or "/grain/" in record.pathname
+        return record.levelno >= pylogging.WARNING or not noisy
+
+
 def main(argv) -> None:
     del argv
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     # Validate before anything compiles: unknown keys were already rejected by lock_config at parse time.
     try:
         exp = to_experiment(_CONFIG.value)

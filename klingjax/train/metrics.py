@@ -47,11 +47,3 @@ def _to_py(v):
         v = np.asarray(v)
         return v.item() if v.size == 1 else v.tolist()
     return v
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """All records of a metrics file (empty list if missing)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -17,8 +17,8 @@ import pytest
 
 from experiments import demo
 from klingjax.config import to_experiment
+from klingjax.eval.report import read_jsonl
 from klingjax.train.experiment import run_experiment
-from klingjax.train.metrics import read_jsonl
 
 OVERRIDES = {"vae.steps": 12, "dit.steps": 12, "vae.checkpoint_every": 3, "dit.checkpoint_every": 3}
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,7 +36,7 @@ def _config(stages):
 def _per_step(path):
     """Last logged record of each training step (a resumed run re-logs the steps after its checkpoint)."""
     out = {}
-    for r in read_jsonl(path):
+    for r in read_jsonl(path) if os.path.exists(path) else []:
         if "loss" in r:
             out[r["step"]] = r
     return out
