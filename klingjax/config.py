@@ -54,6 +54,7 @@ class DataConfig:
     num_shards: int = 4
     heldout_fraction: float = 0.1
     sprite_size: tuple[float, ...] = (6.0, 10.0)  # (min, max) sprite bbox width in px
+    speed_range: tuple[float, ...] = (0.6, 1.0)  # (min, max) sprite speed in px / frame (clamped to stay in frame)
     worker_count: int = 0
     path: str = ""  # empty: <workdir>/data
 
@@ -90,6 +91,7 @@ class StageConfig:
     keep_checkpoints: int = 2
     sample_every: int = 0  # 0: only at the end
     kl_weight: float = 1e-6  # vae stage
+    mse_weight: float = 0.0  # vae stage: + mse_weight * MSE next to L1 (L1 alone is slow to learn small objects)
     caption_dropout: float = 0.1  # dit stage
     timestep_sampling: TimestepSampling = TimestepSampling.LOGIT_NORMAL
     timestep_shift: float = 0.0  # 0: resolution-dependent shift
@@ -183,6 +185,10 @@ def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Expe
     d = exp.data
     if d.num_frames < 1 or (d.num_frames - 1) % 4:
         raise ConfigError(f"config key 'data.num_frames': {d.num_frames} is not 1 + 4k")
+    for key in ("sprite_size", "speed_range"):
+        lo_hi = getattr(d, key)
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+            raise ConfigError(f"config key 'data.{key}': expected (min, max) with 0 < min <= max, got {lo_hi}")
     for name in ("vae", "dit"):
         s: StageConfig = getattr(exp, name)
         for key in ("batch_size", "steps", "log_every", "checkpoint_every"):
@@ -194,6 +200,9 @@ def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Expe
             raise ConfigError(f"config key '{name}.caption_dropout': must be in [0, 1), got {s.caption_dropout}")
         if s.optim.lr <= 0:
             raise ConfigError(f"config key '{name}.optim.lr': must be positive, got {s.optim.lr}")
+        for key in ("kl_weight", "mse_weight"):
+            if getattr(s, key) < 0:
+                raise ConfigError(f"config key '{name}.{key}': must be >= 0, got {getattr(s, key)}")
     if exp.sample.num_steps < 1:
         raise ConfigError(f"config key 'sample.num_steps': must be >= 1, got {exp.sample.num_steps}")
     if exp.eval.fvd and exp.data.num_frames < 9:

@@ -56,7 +56,7 @@ def evaluate(exp: ExperimentConfig, generator: VideoGenerator, *, data_dir: str,
     protocols: dict[str, str] = {}
     scores = adherence.score(fake, metas, spec)
     reference = adherence.score(real, metas, spec)  # the detector on ground-truth clips: its ceiling
-    for k in ("colour_acc", "shape_acc", "direction_acc", "all_acc"):
+    for k in ("colour_acc", "shape_acc", "direction_acc", "all_acc", "count_acc", "camera_acc"):
         metrics[f"adherence_{k}"] = float(scores[k])
         metrics[f"adherence_{k}_on_real"] = float(reference[k])
     protocols["adherence"] = f"synthetic ground truth, {len(captions)} held-out captions, detector on decoded RGB"
@@ -66,22 +66,22 @@ def evaluate(exp: ExperimentConfig, generator: VideoGenerator, *, data_dir: str,
         protocols["fvd"] = result.protocol
     metrics.update(extra_metrics or {})
 
-    # --- media ---
-    n_show = min(exp.sample.num_samples, len(captions))
-    samples = []
-    for i in range(n_show):
-        mp4, gif = os.path.join(out_dir, f"sample_{i:02d}.mp4"), os.path.join(out_dir, f"sample_{i:02d}.gif")
-        media.write_mp4(mp4, fake[i], fps=spec.fps, scale=4)
-        media.write_gif(gif, fake[i], fps=spec.fps, scale=4)
-        samples.append({"caption": captions[i], "mp4": mp4, "gif": gif})
-    grid = os.path.join(out_dir, "samples_grid.png")
-    media.write_png_grid(grid, fake[:n_show], ncols=1, frames_per_row=min(9, fake.shape[1]), scale=3,
-                         captions=captions[:n_show])
-    real_grid = os.path.join(out_dir, "real_grid.png")
-    media.write_png_grid(real_grid, real[:n_show], ncols=1, frames_per_row=min(9, real.shape[1]), scale=3,
-                         captions=captions[:n_show])
+    if jax.process_index() == 0:  # every process computed the same metrics; host 0 alone writes
+        # --- media ---
+        n_show = min(exp.sample.num_samples, len(captions))
+        samples = []
+        for i in range(n_show):
+            mp4, gif = os.path.join(out_dir, f"sample_{i:02d}.mp4"), os.path.join(out_dir, f"sample_{i:02d}.gif")
+            media.write_mp4(mp4, fake[i], fps=spec.fps, scale=4)
+            media.write_gif(gif, fake[i], fps=spec.fps, scale=4)
+            samples.append({"caption": captions[i], "mp4": mp4, "gif": gif})
+        grid = os.path.join(out_dir, "samples_grid.png")
+        media.write_png_grid(grid, fake[:n_show], ncols=1, frames_per_row=min(9, fake.shape[1]), scale=3,
+                             captions=captions[:n_show])
+        real_grid = os.path.join(out_dir, "real_grid.png")
+        media.write_png_grid(real_grid, real[:n_show], ncols=1, frames_per_row=min(9, real.shape[1]), scale=3,
+                             captions=captions[:n_show])
 
-    if jax.process_index() == 0:
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
             json.dump({"metrics": metrics, "protocols": protocols}, f, indent=2)
         write_report(

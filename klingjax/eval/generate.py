@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from klingjax.config import SampleConfig
 from klingjax.diffusion import samplers
@@ -45,7 +46,8 @@ class VideoGenerator:
             noise = jax.random.normal(jax.random.fold_in(key, start), (batch_size, *self.latent_shape))
             videos = self._fn(nnx.state(self.dit), nnx.state(self.vae), jnp.asarray(ctx), jnp.asarray(mask),
                               jnp.asarray(neg_ctx), jnp.asarray(neg_mask), noise)
-            out.append(np.asarray(videos)[:n])
+            # The batch may span other processes' devices: gather it (a collective every process joins).
+            out.append(np.asarray(multihost_utils.process_allgather(videos, tiled=True))[:n])
         return np.concatenate(out, axis=0)
 
 

@@ -43,7 +43,8 @@ def run_data(exp: ExperimentConfig, workdir: str) -> dict:
     out = stages.data_dir(exp, workdir)
     if jax.process_index() == 0:
         spec = SyntheticSpec(num_frames=d.num_frames, height=d.height, width=d.width,
-                             heldout_fraction=d.heldout_fraction, size_range=tuple(d.sprite_size))
+                             heldout_fraction=d.heldout_fraction, size_range=tuple(d.sprite_size),
+                             speed_range=tuple(d.speed_range))
         write_synthetic_dataset(out, spec, exp.seed, d.num_train, d.num_eval, d.num_shards)
     multihost_utils.sync_global_devices("synthetic_data_written")
     return {"data_dir": out}
@@ -64,6 +65,8 @@ def _vae_sampler(exp: ExperimentConfig, workdir: str):
 
         y = recon(nnx.state(model), x)
         value = float(psnr(y, x))
+        # The output may span other hosts' devices: gather it (collective) before host 0 writes it.
+        y = multihost_utils.process_allgather(y, tiled=True)
         if jax.process_index() == 0:
             frames = np.round((np.asarray(y) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
             both = np.concatenate([real, frames], axis=0)  # originals first, reconstructions below

@@ -18,7 +18,13 @@ from tqdm import tqdm
 
 from klingjax.config import StageConfig
 from klingjax.sharding.rules import get_rules
-from klingjax.train.checkpoint import Checkpointer, PreemptionGuard, abstract_with_shardings
+from klingjax.train.checkpoint import (
+    Checkpointer,
+    PreemptionGuard,
+    abstract_with_shardings,
+    gather_iterator_states,
+    local_iterator_state,
+)
 from klingjax.train.metrics import MetricWriter
 from klingjax.train.optim import learning_rate_schedule, make_optimizer
 from klingjax.train.state import create_trainer, param_count
@@ -82,8 +88,8 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
     state, start = st.state, 0
     if (latest := ckpt.latest_step()) is not None:
         state, iter_state = ckpt.restore(latest, abstract_with_shardings(st.abstract_state, st.shardings))
-        if iter_state:
-            data_iter.set_state(iter_state)
+        if (own := local_iterator_state(iter_state)) is not None:
+            data_iter.set_state(own)
         start = latest
         logging.info("%s: resumed from step %d", spec.name, latest)
     if start >= cfg.steps:
@@ -118,7 +124,8 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
             state, metrics = compiled(state, batch, base_key)  # async dispatch: the next load overlaps
             step, ran = step + 1, ran + 1
             bar.update(1)
-            stop = guard.requested.is_set() or (cfg.max_steps_per_run and ran >= cfg.max_steps_per_run)
+            preempted = guard.should_stop(step)  # agreed by every process
+            stop = preempted or (cfg.max_steps_per_run and ran >= cfg.max_steps_per_run)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.time()
@@ -130,13 +137,13 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
                 summary["loss"] = metrics["loss"]
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
                 # The iterator state now points at the batch the next step will use.
-                ckpt.save(step, state, data_iter.get_state(), force=True)
+                ckpt.save(step, state, gather_iterator_states(data_iter.get_state()), force=True)
             if spec.on_sample and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps):
                 trainer = nnx.merge(st.graphdef, state)
                 writer.write(step, spec.on_sample(trainer.ema, step, out_dir))
             if stop:
                 logging.info("%s: stopping at step %d (%s)", spec.name, step,
-                             "preempted" if guard.requested.is_set() else "max_steps_per_run")
+                             "preempted" if preempted else "max_steps_per_run")
                 break
     bar.close()
     ckpt.close()

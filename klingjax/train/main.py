@@ -25,14 +25,18 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (local multi-process).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (local multi-process).")
 
-_CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
+# Any of these means "a cluster started us": call jax.distributed.initialize() and let it auto-detect.
+# KLINGJAX_DISTRIBUTED=1 is set by launch/tpu_pod.sh (a TPU VM's ssh session has none of the others).
+_CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS",
+                "KLINGJAX_DISTRIBUTED")
 
 
 def initialize_distributed() -> None:
     """Call jax.distributed.initialize once: explicitly for local processes, auto-detected on clusters."""
     if _COORDINATOR.value:
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Must not touch a backend before initialize (jax.default_backend() would); the setting only
+        # affects the CPU client, so it is harmless on GPU/TPU.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     elif any(k in os.environ for k in _CLUSTER_ENV):
         jax.distributed.initialize()

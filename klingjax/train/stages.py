@@ -80,7 +80,7 @@ def _video_only(record: dict, *, num_frames: int, height: int, width: int) -> di
 
 
 def vae_stage(exp: ExperimentConfig, workdir: str, on_sample=None) -> StageSpec:
-    """Stage "vae": L1 + KL reconstruction training of the causal VAE on raw clips."""
+    """Stage "vae": L1 (+ MSE) + KL reconstruction training of the causal VAE on raw clips."""
     vcfg = vae_config(exp)
     cfg, d = exp.vae, exp.data
 
@@ -90,9 +90,11 @@ def vae_stage(exp: ExperimentConfig, workdir: str, on_sample=None) -> StageSpec:
     def loss_fn(model: CausalVAE, batch, key):
         x = batch["video"]
         recon, mean, logvar = model(x, rngs_or_key=key)
-        l1 = jnp.mean(jnp.abs(recon - x))
+        err = recon - x
+        l1, mse = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
         kl = jnp.mean(kl_divergence(mean, logvar)) / np.prod(mean.shape[1:])  # per latent element
-        return l1 + cfg.kl_weight * kl, {"l1": l1, "kl": kl, "psnr": psnr(jnp.clip(recon, -1, 1), x)}
+        loss = l1 + cfg.mse_weight * mse + cfg.kl_weight * kl
+        return loss, {"l1": l1, "mse": mse, "kl": kl, "psnr": psnr(jnp.clip(recon, -1, 1), x)}
 
     def dataset(per_host: int, seed: int, index: int, count: int):
         # A causal VAE is convolutional in time: short clips train it for any length, at a fraction of the cost.

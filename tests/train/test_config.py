@@ -36,6 +36,7 @@ def test_unknown_key_names_the_key():
         (("vae", "batch_size"), 0, r"'vae\.batch_size'"),
         (("dit", "steps"), "many", r"'dit\.steps': expected int"),
         (("stages",), ["data", "train"], r"'stages'.*unknown stage"),
+        (("vae", "mse_weight"), -1.0, r"'vae\.mse_weight': must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key(path, value, pattern):

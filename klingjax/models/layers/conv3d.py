@@ -27,10 +27,16 @@ NORM_AXES = ("norm",)
 
 
 def default_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: DTypeLike = jnp.float32) -> jax.Array:
-    """torch's default conv init (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)), fan_in = prod(shape[:-1])."""
-    bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
+    """He-normal init: N(0, 2 / fan_in), fan_in = prod(shape[:-1]).
+
+    Not torch's default (kaiming_uniform with a=sqrt(5), i.e. variance 1 / (3 fan_in)): with it, the Wan VAE's
+    residual branches start ~3x too small and a demo-size VAE stays at the blank-background reconstruction for
+    hundreds of steps (16.2 dB vs 22.8 dB held-out PSNR after 400 image steps, same everything else). The init
+    does not change the architecture, so checkpoints stay diffusers-compatible.
+    """
+    std = math.sqrt(2.0 / math.prod(shape[:-1]))
     # Drawn flat: XLA:CPU takes seconds to compile partitionable threefry for a rank-5 shape, ms for rank 1.
-    flat = jax.random.uniform(key, (math.prod(shape),), dtype, -bound, bound)
+    flat = std * jax.random.normal(key, (math.prod(shape),), dtype)
     return flat.reshape(shape)  # (n,) -> (kt, kh, kw, Cin, Cout) or (kh, kw, Cin, Cout)
 
 
