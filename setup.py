@@ -49,7 +49,7 @@ setup(
     extras_require={
         "assets": ASSETS,
         "test": ["pytest>=8", "ruff>=0.6"],
-        "torch": ["torch==2.13.0", "diffusers>=0.42", "transformers", "safetensors"],
+        "torch": ["torch==2.13.0", "diffusers>=0.42", "transformers", "safetensors", "accelerate"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },

@@ -91,6 +91,8 @@ class StageConfig:
     keep_checkpoints: int = 2
     sample_every: int = 0  # 0: only at the end
     kl_weight: float = 1e-6  # vae stage
+    init_from: str = ""  # fresh start only: load model params (model + EMA) from this stage/checkpoint dir
+    init_from_ema: bool = True  # take the EMA params of `init_from` (else the raw model params)
     mse_weight: float = 0.0  # vae stage: + mse_weight * MSE next to L1 (L1 alone is slow to learn small objects)
     caption_dropout: float = 0.1  # dit stage
     timestep_sampling: TimestepSampling = TimestepSampling.LOGIT_NORMAL

@@ -2,6 +2,8 @@
 
     klingjax-eval --generated runs/x/samples --dataset /tmp/synth --out runs/x/eval
     klingjax-eval --generated gen/ --reference real/ --out eval/ --metrics fvd,fid,kid,lpips,psnr,ssim,vbstyle
+    klingjax-eval --checkpoint workdirs/demo --prompts prompts.txt --out eval/          # generate, then score
+    klingjax-eval --checkpoint workdirs/demo --dataset workdirs/demo/data --out eval/  # held-out captions
 
 Videos are read in sorted file order (.mp4 .gif .webm .avi .mov via PyAV; .npy / .npz uint8 (T, H, W, 3) or
 (N, T, H, W, 3)); generated video i is paired with reference video i (or the dataset's i-th held-out clip)
@@ -314,10 +316,45 @@ def evaluate_folder(generated: str, out_dir: str, *, reference: str | None = Non
     return result
 
 
+def generate_from_checkpoint(workdir: str, out_dir: str, *, prompts: str | None = None, dataset: str | None = None,
+                             limit: int | None = None, seed: int = 0, batch_size: int = 8) -> str:
+    """Generate one clip per prompt with a trained work dir; returns the folder holding `videos.npy`.
+
+    Prompts come from `prompts` (a text file, one per line) or, without it, from `dataset`'s held-out captions
+    in order (so prompt adherence can be scored against their ground truth). Videos are stored losslessly.
+    """
+    import jax
+
+    from klingjax.train.experiment import load_workdir_generator
+
+    if prompts:
+        with open(prompts) as f:
+            captions = [line.strip() for line in f if line.strip()]
+        if not captions:
+            raise ValueError(f"prompt file {prompts} has no prompts")
+    elif dataset:
+        _, captions, _, _ = load_dataset_clips(dataset, limit or 10**9)
+    else:
+        raise ValueError("--checkpoint needs --prompts FILE or --dataset DIR (its held-out captions)")
+    captions = captions[:limit]
+    _, generator = load_workdir_generator(workdir)
+    videos = generator(captions, jax.random.key(seed), batch_size=min(batch_size, len(captions)))
+    folder = os.path.join(out_dir, "generated")
+    os.makedirs(folder, exist_ok=True)
+    np.save(os.path.join(folder, "videos.npy"), videos)
+    with open(os.path.join(folder, "prompts.txt"), "w") as f:
+        f.write("\n".join(captions) + "\n")
+    logging.info("klingjax-eval: generated %d clips with %s into %s", len(videos), workdir, folder)
+    return folder
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line flags of `klingjax-eval`."""
     p = argparse.ArgumentParser(prog="klingjax-eval", description=__doc__.split("\n")[0])
-    p.add_argument("--generated", required=True, help="folder of generated videos")
+    p.add_argument("--generated", help="folder of generated videos")
+    p.add_argument("--checkpoint", help="a klingjax-train work dir: generate the videos with its trained models")
+    p.add_argument("--prompts", help="with --checkpoint: prompt file, one per line (default: --dataset captions)")
+    p.add_argument("--seed", type=int, default=0, help="with --checkpoint: sampling seed")
     p.add_argument("--reference", help="folder of reference videos (paired by sorted file order)")
     p.add_argument("--dataset", help="synthetic dataset dir (manifest.json + eval shards)")
     p.add_argument("--out", required=True, help="output folder for metrics.json, report.md and plots")
@@ -335,8 +372,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Parse flags and evaluate; returns the metrics JSON."""
     args = parse_args(argv)
+    if bool(args.generated) == bool(args.checkpoint):
+        raise SystemExit("klingjax-eval: give exactly one of --generated DIR or --checkpoint WORKDIR")
+    generated = args.generated or generate_from_checkpoint(
+        args.checkpoint, args.out, prompts=args.prompts, dataset=args.dataset, limit=args.limit, seed=args.seed)
     return evaluate_folder(
-        args.generated, args.out, reference=args.reference, dataset=args.dataset,
+        generated, args.out, reference=args.reference, dataset=args.dataset,
         metrics=[m for m in args.metrics.split(",") if m], limit=args.limit, fid_resize=args.fid_resize,
         fid_frames=args.fid_frames, fps=args.fps, consistency=not args.no_consistency,
         vbench_weights=args.vbench_weights, vbench_dims=[d for d in args.vbench_dims.split(",") if d])

@@ -15,6 +15,8 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+_SAVE_ARGS = ocp.SaveArgs(chunk_byte_size=256 * 2**20)  # at most 256 MiB per stored chunk
+
 
 class Checkpointer:
     """One CheckpointManager per stage directory; saves the train state and the data-iterator state together.
@@ -39,7 +41,9 @@ class Checkpointer:
         saved = self._mngr.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                # Bounded chunks: readers (klingjax-export) can then stream one chunk at a time instead of
+                # loading a whole stacked (layers, ...) array.
+                state=ocp.args.StandardSave(state, save_args=jax.tree.map(lambda _: _SAVE_ARGS, state)),
                 data_iter=ocp.args.JsonSave(data_iter_state or {}),
             ),
             force=force,

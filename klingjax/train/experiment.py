@@ -125,12 +125,32 @@ def run_dit(exp: ExperimentConfig, workdir: str, mesh) -> dict:
     return train_stage(spec, exp.dit, workdir=workdir, mesh=mesh, seed=exp.seed)
 
 
-def run_eval(exp: ExperimentConfig, workdir: str, mesh) -> dict:
+def trained_generator(exp: ExperimentConfig, workdir: str, mesh) -> VideoGenerator:
+    """The trained DiT (EMA if `sample.use_ema`) + VAE + text encoder of `workdir` as a VideoGenerator."""
     text_encoder = _text_encoder()
     null = text_encoder.encode([""], exp.text_max_len)
     dit_spec = stages.dit_stage(exp, workdir, (np.asarray(null[0])[0], np.asarray(null[1])[0]))
     dit = load_trained(dit_spec, exp.dit, workdir=workdir, mesh=mesh, seed=exp.seed, use_ema=exp.sample.use_ema)
-    gen = _generator(exp, workdir, mesh, dit, text_encoder)
+    return _generator(exp, workdir, mesh, dit, text_encoder)
+
+
+def load_workdir_generator(workdir: str) -> tuple[ExperimentConfig, VideoGenerator]:
+    """(config, generator) of a finished experiment work dir, from its `config.json` and checkpoints."""
+    import ml_collections
+
+    from klingjax.config import to_experiment
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} has no config.json; is it a klingjax-train work dir?")
+    with open(path) as f:
+        exp = to_experiment(ml_collections.ConfigDict(json.load(f)))
+    mesh = make_mesh(exp.mesh.sizes)
+    return exp, trained_generator(exp, workdir, mesh)
+
+
+def run_eval(exp: ExperimentConfig, workdir: str, mesh) -> dict:
+    gen = trained_generator(exp, workdir, mesh)
     return evaluate(exp, gen, data_dir=stages.data_dir(exp, workdir), out_dir=workdir)
 
 

@@ -60,6 +60,20 @@ def _fingerprint(local: Mapping[str, np.ndarray], key: str) -> int:
     return zlib.adler32(np.ascontiguousarray(local[key]).tobytes()[:1 << 16])
 
 
+def _init_from(st, state: nnx.State, cfg: StageConfig) -> nnx.State:
+    """`state` with model and EMA params replaced by those of the checkpoint `cfg.init_from` (fresh optimiser)."""
+    from klingjax.export.importer import restore_params
+
+    abstract_model = nnx.merge(st.graphdef, st.abstract_state).model
+    params = restore_params(cfg.init_from, abstract_model, use_ema=cfg.init_from_ema,
+                            shardings=st.shardings["model"])
+    trainer = nnx.merge(st.graphdef, state)
+    nnx.update(trainer.model, params)
+    # Separate buffers: the step donates model and EMA, and one buffer cannot be donated twice.
+    nnx.update(trainer.ema, jax.tree.map(lambda x: x.copy(), params))
+    return nnx.state(trainer)
+
+
 def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sharding.Mesh,
                 seed: int) -> dict[str, Any]:
     """Train one stage to cfg.steps, resuming from the stage's latest checkpoint if there is one."""
@@ -92,6 +106,10 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
             data_iter.set_state(own)
         start = latest
         logging.info("%s: resumed from step %d", spec.name, latest)
+    elif cfg.init_from:
+        state = _init_from(st, state, cfg)
+        logging.info("%s: initialised params from %s (%s)", spec.name, cfg.init_from,
+                     "EMA" if cfg.init_from_ema else "model")
     if start >= cfg.steps:
         ckpt.close()
         return {"step": start, "resumed": True, "finished": True}

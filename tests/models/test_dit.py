@@ -142,26 +142,6 @@ def test_short_overfit_reduces_mse():
     assert losses[-1] < losses[0] / 2, losses
 
 
-def _torch_to_ours(w: np.ndarray, leaf: str) -> np.ndarray:
-    return w.transpose(2, 3, 4, 1, 0) if w.ndim == 5 else (w.T if leaf == "kernel" else w)
-
-
-def _state_from_diffusers(sd: dict[str, np.ndarray], cfg) -> nnx.State:
-    """Our params from a diffusers WanTransformer3DModel state dict: Linear weight -> kernel.T, norm weight ->
-    scale, Conv3d weight (D, C, pt, ph, pw) -> (pt, ph, pw, C, D), blocks.{i}.* stacked on the layers axis."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))
-    for path, var in nnx.to_flat_state(state):
-        *module, leaf = [str(p) for p in path]
-        name = ".".join([*module, {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
-        fix = functools.partial(_torch_to_ours, leaf=leaf)
-        if module[:1] == ["blocks"]:
-            value = np.stack([fix(sd[f"blocks.{i}." + name[len("blocks.") :]]) for i in range(cfg.num_layers)])
-        else:
-            value = fix(sd[name])
-        var.set_value(jnp.asarray(value))
-    return state
-
-
 @pytest.mark.torch
 def test_matches_diffusers_wan_transformer():
     torch = pytest.importorskip("torch")
@@ -185,7 +165,12 @@ def test_matches_diffusers_wan_transformer():
     with torch.no_grad():
         want = ref(torch.tensor(np.asarray(latents)).permute(0, 4, 1, 2, 3), torch.tensor(np.asarray(t)),
                    torch.tensor(np.asarray(ctx)), return_dict=False)[0].permute(0, 2, 3, 4, 1).numpy()  # fmt: skip
-    state = _state_from_diffusers({k: v.numpy() for k, v in ref.state_dict().items()}, TINY)
+    from klingjax.export import dit_map
+    from klingjax.export.importer import load_params
+
+    model = load_params({k: v.numpy() for k, v in ref.state_dict().items()}, dit_map.dit_entries(TINY),
+                        dit_map.abstract_dit(TINY), "the DiT")  # the declarative export map, read backwards
+    state = nnx.state(model)
     with jax.default_matmul_precision("highest"):
         got = _forward(TINY)(state, latents, t, ctx, None)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
