@@ -73,10 +73,16 @@ def cache_latents(exp: ExperimentConfig, workdir: str, vae: nnx.Module, text_enc
     """Write `workdir/latents/{train,eval}-*` shards and `latent_stats.json`; returns the stats."""
     out = stages.latent_dir(workdir)
     stats_path = os.path.join(out, "latent_stats.json")
+    text_key = {"text_encoder": exp.text_encoder, "text_max_len": exp.text_max_len}
     if os.path.exists(stats_path):
-        logging.info("cache: reusing %s", out)
         with open(stats_path) as f:
-            return json.load(f)
+            cached = json.load(f)
+        found = {k: cached.get(k, default) for k, default in (("text_encoder", "minilm"), ("text_max_len", None))}
+        if found["text_max_len"] is not None and found != text_key:
+            raise ValueError(f"{out} holds text features of {found}, but the config asks for {text_key} "
+                             f"(config keys 'text_encoder' / 'text_max_len'): use a new workdir or delete {out}")
+        logging.info("cache: reusing %s", out)
+        return cached
     os.makedirs(out, exist_ok=True)
     c = vae.cfg.z_dim
     sums = {"n": 0, "s": np.zeros(c), "ss": np.zeros(c)}
@@ -90,7 +96,7 @@ def cache_latents(exp: ExperimentConfig, workdir: str, vae: nnx.Module, text_enc
     n, s, ss = total[0], total[1:1 + c], total[1 + c:]
     mean = s / n
     std = np.sqrt(np.maximum(ss / n - mean**2, 1e-12))
-    stats = {"mean": mean.tolist(), "std": std.tolist(), "num_latent_vectors": int(n)}
+    stats = {"mean": mean.tolist(), "std": std.tolist(), "num_latent_vectors": int(n), **text_key}
     multihost_utils.sync_global_devices("cache_latents_written")
     if proc == 0:
         tmp = stats_path + ".tmp"

@@ -19,6 +19,8 @@ import ml_collections
 from klingjax.diffusion.losses import LossWeighting
 from klingjax.diffusion.samplers import Sampler
 from klingjax.diffusion.schedules import TimestepSampling
+from klingjax.models.discriminator import DiscriminatorConfig
+from klingjax.train.vae_losses import LPIPS_MIN_SIZE, LPIPSNet
 
 
 class ConfigError(ValueError):
@@ -94,6 +96,14 @@ class StageConfig:
     init_from: str = ""  # fresh start only: load model params (model + EMA) from this stage/checkpoint dir
     init_from_ema: bool = True  # take the EMA params of `init_from` (else the raw model params)
     mse_weight: float = 0.0  # vae stage: + mse_weight * MSE next to L1 (L1 alone is slow to learn small objects)
+    lpips_weight: float = 0.0  # vae stage: + lpips_weight * per-frame LPIPS(recon, video); 0: off
+    lpips_net: LPIPSNet = LPIPSNet.ALEX  # vae stage: LPIPS backbone (alex: ~20x cheaper than vgg)
+    lpips_frames: int = 0  # vae stage: LPIPS on this many random frames of each clip per step; 0: all frames
+    disc_weight: float = 0.0  # vae stage: 3D PatchGAN hinge loss, adaptive weight x disc_weight; 0: no GAN
+    disc_start: int = 0  # vae stage: optimizer step from which the discriminator trains and its loss applies
+    disc_lr: float = 0.0  # vae stage: discriminator learning rate; 0: optim.lr
+    disc_dim: int = 32  # vae stage: discriminator channels (x1, x2, x4, x8 over its layers)
+    disc_layers: int = 3  # vae stage: strided discriminator layers (each halves T, H, W)
     caption_dropout: float = 0.1  # dit stage
     timestep_sampling: TimestepSampling = TimestepSampling.LOGIT_NORMAL
     timestep_shift: float = 0.0  # 0: resolution-dependent shift
@@ -132,6 +142,7 @@ class ExperimentConfig:
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()
     text_max_len: int = 16
+    text_encoder: str = "minilm"  # "minilm" (bundled) or a UMT5 folder (transformers layout / diffusers Wan root)
     vae: StageConfig = StageConfig()
     dit: StageConfig = StageConfig(variant="XS")
     sample: SampleConfig = SampleConfig()
@@ -202,14 +213,43 @@ def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Expe
             raise ConfigError(f"config key '{name}.caption_dropout': must be in [0, 1), got {s.caption_dropout}")
         if s.optim.lr <= 0:
             raise ConfigError(f"config key '{name}.optim.lr': must be positive, got {s.optim.lr}")
-        for key in ("kl_weight", "mse_weight"):
+        for key in ("kl_weight", "mse_weight", "lpips_weight", "lpips_frames", "disc_weight", "disc_start", "disc_lr"):
             if getattr(s, key) < 0:
                 raise ConfigError(f"config key '{name}.{key}': must be >= 0, got {getattr(s, key)}")
+        for key in ("disc_dim", "disc_layers"):
+            if getattr(s, key) < 1:
+                raise ConfigError(f"config key '{name}.{key}': must be >= 1, got {getattr(s, key)}")
+    _check_vae_losses(exp)
     if exp.sample.num_steps < 1:
         raise ConfigError(f"config key 'sample.num_steps': must be >= 1, got {exp.sample.num_steps}")
     if exp.eval.fvd and exp.data.num_frames < 9:
         raise ConfigError("config key 'data.num_frames': FVD's I3D needs >= 9 frames (or set eval.fvd=False)")
     return exp
+
+
+VAE_ONLY_KEYS = ("lpips_weight", "lpips_net", "lpips_frames", "disc_weight", "disc_start", "disc_lr", "disc_dim",
+                 "disc_layers")
+
+
+def _check_vae_losses(exp: ExperimentConfig) -> None:
+    """The LPIPS / GAN keys: set only on the vae stage, and fitting its clips."""
+    default = StageConfig()
+    for key in VAE_ONLY_KEYS:
+        if getattr(exp.dit, key) != getattr(default, key):
+            raise ConfigError(f"config key 'dit.{key}': only the vae stage uses it; leave it at "
+                              f"{getattr(default, key)!r}")
+    v, d = exp.vae, exp.data
+    frames = v.num_frames or d.num_frames
+    if v.lpips_frames > frames:
+        raise ConfigError(f"config key 'vae.lpips_frames': {v.lpips_frames} is more than the {frames} frames per clip")
+    if v.lpips_weight > 0 and min(d.height, d.width) < LPIPS_MIN_SIZE[v.lpips_net]:
+        raise ConfigError(f"config key 'vae.lpips_net': {v.lpips_net.value} LPIPS needs frames of at least "
+                          f"{LPIPS_MIN_SIZE[v.lpips_net]}px, data is {d.height}x{d.width}")
+    if v.disc_weight > 0:
+        grid = DiscriminatorConfig(dim=v.disc_dim, num_layers=v.disc_layers).output_shape(frames, d.height, d.width)
+        if min(grid) < 1:
+            raise ConfigError(f"config key 'vae.disc_layers': {v.disc_layers} strided layers leave no patch of "
+                              f"{d.height}x{d.width} frames; use fewer")
 
 
 def config_from_dataclass(exp: ExperimentConfig) -> ml_collections.ConfigDict:

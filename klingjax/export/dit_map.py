@@ -13,7 +13,7 @@ from typing import Any
 from flax import nnx
 
 from klingjax.export.param_map import Entry, Layout, Rule, expand, param_shapes
-from klingjax.models.dit import DiTConfig, WanDiT
+from klingjax.models.dit import AttentionLayout, DiTConfig, TextAttention, WanDiT
 
 DIFFUSERS_CLASS = "WanTransformer3DModel"
 DIFFUSERS_VERSION = "0.42.1"  # the version the export is tested against
@@ -47,6 +47,10 @@ def dit_to_diffusers_config(cfg: DiTConfig) -> dict[str, Any]:
     """The `config.json` of the equivalent `WanTransformer3DModel`; raises UnsupportedConfigError."""
     if not cfg.qk_norm:
         raise UnsupportedConfigError("WanTransformer3DModel always applies QK RMSNorm; qk_norm=False cannot export")
+    if cfg.attention_layout is not AttentionLayout.JOINT_3D or cfg.text_attention is not TextAttention.CROSS:
+        raise UnsupportedConfigError(
+            "WanTransformer3DModel has only joint 3D self-attention + text cross-attention; this DiT uses "
+            f"attention_layout={cfg.attention_layout.value}, text_attention={cfg.text_attention.value}")
     if cfg.rope_theta != 10000.0:
         raise UnsupportedConfigError(f"WanTransformer3DModel fixes RoPE theta at 10000, this DiT uses {cfg.rope_theta}")
     return {

@@ -4,6 +4,20 @@ latents (B, t, h, w, C_in) -> patch tokens (B, N, D) -> num_layers x [self-attn 
 text, MLP, each modulated by one shared time MLP + per-block tables] -> final modulated norm -> velocity
 (B, t, h, w, C_out). Parameter paths mirror diffusers so the export map is mechanical; blocks are stored
 stacked on a leading "layers" axis (scan-friendly) and run with `nnx.scan` or a Python loop.
+
+Ablation switches (defaults = Wan 2.1; any other setting cannot be exported to diffusers):
+  * `AttentionLayout.FACTORIZED`: each block runs spatial self-attention within every frame (2D part of the
+    RoPE) and then temporal self-attention across frames at every location (temporal part), each with its
+    own modulated, gated residual. Extra params per block: `attn_t` (a WanAttention with its own QK norms)
+    and `scale_shift_table_t` (1, 3, D), its per-block (shift, scale, gate) offsets added to the time
+    modulation that the spatial attention also uses (no new time projection: that would add 3 D^2 per block).
+  * `TextAttention.JOINT` (MM-DiT style): text keys/values are appended to the (spatial) self-attention and
+    there is no cross-attention block (`attn2`, `norm2` are dropped). The text stream is a fixed context: it
+    is projected once by the text embedder and never updated (only video tokens query), which keeps one
+    residual stream and composes with FACTORIZED (each frame attends to the caption). The text gets its own
+    projections per block, `text_kv` = {to_k, to_v, norm_k} (its features differ from video features, as in
+    SD3's per-modality weights); text keys are not rotated (identity rows in the key RoPE table) and padded
+    text keys are masked.
 Neighbours: layers/ (attention, rope, norms, embeddings), diffusion/ (what the velocity means).
 """
 
@@ -12,17 +26,18 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from klingjax.models.layers.attention import AttentionImpl, WanAttention, dense, table_init
+from klingjax.models.layers.attention import AttentionImpl, WanAttention, attention, dense, table_init
 from klingjax.models.layers.embeddings import ConditionEmbedder, PatchEmbed, check_patchable, unpatchify
-from klingjax.models.layers.norms import LayerNorm, logical
-from klingjax.models.layers.rope import rope_3d
-from klingjax.sharding.rules import shard
+from klingjax.models.layers.norms import LayerNorm, RMSNorm, logical
+from klingjax.models.layers.rope import apply_rope, rope_3d
+from klingjax.sharding.context_parallel import ContextParallel, context_parallel_enabled
+from klingjax.sharding.rules import current_rules, shard
 
 ACT_BND = ("act_batch", "act_length", "act_embed")
 
@@ -40,10 +55,28 @@ class RematPolicy(enum.Enum):
     DOTS_SAVEABLE = "dots_saveable"  # keep matmul outputs without batch dims; recompute the rest
 
 
+class AttentionLayout(enum.Enum):
+    """Which tokens each block's self-attention connects."""
+
+    JOINT_3D = "joint_3d"  # every token with every token of the clip (Wan 2.1)
+    FACTORIZED = "factorized"  # within each frame, then across frames at each (h, w) location
+
+
+class TextAttention(enum.Enum):
+    """How video tokens read the caption."""
+
+    CROSS = "cross"  # a cross-attention layer after self-attention (Wan 2.1)
+    JOINT = "joint"  # text keys/values appended to self-attention; the text stream is a fixed context
+
+
 _CHECKPOINT_POLICIES = {
     RematPolicy.FULL: jax.checkpoint_policies.nothing_saveable,
     RematPolicy.DOTS_SAVEABLE: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+_ENUM_FIELDS = {"remat": RematPolicy, "attention_impl": AttentionImpl, "attention_layout": AttentionLayout,
+                "text_attention": TextAttention, "context_parallel": ContextParallel}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,6 +99,9 @@ class DiTConfig:
     scan_layers: bool = True
     remat: RematPolicy = RematPolicy.NONE
     attention_impl: AttentionImpl = AttentionImpl.DEFAULT
+    attention_layout: AttentionLayout = AttentionLayout.JOINT_3D
+    text_attention: TextAttention = TextAttention.CROSS
+    context_parallel: ContextParallel = ContextParallel.ALL_TO_ALL  # used when a mesh splits tokens over "context"
     dtype: Any = jnp.float32  # compute dtype of matmuls; norms, modulation and time MLP stay float32
     param_dtype: Any = jnp.float32
 
@@ -74,6 +110,9 @@ class DiTConfig:
             raise ValueError(f"dim {self.dim} must be divisible by num_heads {self.num_heads}")
         if self.head_dim % 2 or len(self.patch_size) != 3:
             raise ValueError(f"need an even head_dim (got {self.head_dim}) and a 3D patch (got {self.patch_size})")
+        for name, kind in _ENUM_FIELDS.items():
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"DiTConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
 
     @property
     def head_dim(self) -> int:
@@ -90,11 +129,88 @@ DIT_VARIANTS: dict[str, DiTConfig] = {
 }
 
 
+def _coerce(name: str, value: Any) -> Any:
+    """A config-file value as the DiTConfig field type: enum values -> enums, lists -> tuples, dtype names."""
+    kind = _ENUM_FIELDS.get(name)
+    if kind is not None and not isinstance(value, kind):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"DiT field {name!r}: {value!r} is not one of {[m.value for m in kind]}") from None
+    if name in ("dtype", "param_dtype") and isinstance(value, str):
+        return jnp.dtype(value)
+    return tuple(value) if isinstance(value, list) else value
+
+
 def dit_config(variant: str, **overrides) -> DiTConfig:
-    """A variant from `DIT_VARIANTS` with fields replaced by `overrides`."""
+    """A variant from `DIT_VARIANTS` with fields replaced by `overrides` (enum fields also take their values)."""
     if variant not in DIT_VARIANTS:
         raise ValueError(f"unknown DiT variant {variant!r}; choose one of {sorted(DIT_VARIANTS)}")
-    return dataclasses.replace(DIT_VARIANTS[variant], **overrides)
+    fields = {f.name for f in dataclasses.fields(DiTConfig)}
+    if unknown := sorted(set(overrides) - fields):
+        raise ValueError(f"unknown DiT field(s) {unknown}; valid fields: {sorted(fields)}")
+    return dataclasses.replace(DIT_VARIANTS[variant], **{k: _coerce(k, v) for k, v in overrides.items()})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Positions and attention helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RopeTables(NamedTuple):
+    """(cos, sin) tables of every self-attention a block runs (a pytree broadcast to all blocks)."""
+
+    q: tuple[jax.Array, jax.Array]  # queries: JOINT_3D (N, K/2); FACTORIZED spatial (h*w, K/2)
+    k: tuple[jax.Array, jax.Array]  # keys: q's rows, then L identity rows (cos 1, sin 0) for JOINT text keys
+    temporal: tuple[jax.Array, jax.Array] | None  # FACTORIZED temporal attention (t, K/2); else None
+
+
+def block_rope(grid: tuple[int, int, int], cfg: DiTConfig, text_len: int) -> RopeTables:
+    """Slice the 3D RoPE tables of a (t, h, w) token grid into the tables `cfg`'s blocks use."""
+    t, h, w = grid
+    cos, sin = rope_3d(grid, cfg.head_dim, cfg.rope_theta)  # 2 x (N, K/2), N = t*h*w row-major
+    temporal = None
+    if cfg.attention_layout is AttentionLayout.FACTORIZED:
+        cos, sin = cos.reshape(t, h * w, -1), sin.reshape(t, h * w, -1)  # 2 x (t, h*w, K/2)
+        # Frame 0 has temporal angle 0, so its rows are the pure (h, w) table; location (0, 0) has zero
+        # spatial angles, so its column is the pure temporal table.
+        temporal = (cos[:, 0], sin[:, 0])  # 2 x (t, K/2)
+        cos, sin = cos[0], sin[0]  # 2 x (h*w, K/2)
+    keys = (cos, sin)
+    if cfg.text_attention is TextAttention.JOINT:
+        pad = ((0, text_len), (0, 0))
+        keys = (jnp.pad(cos, pad, constant_values=1.0), jnp.pad(sin, pad))  # 2 x (n + L, K/2)
+    return RopeTables((cos, sin), keys, temporal)
+
+
+class TextKV(nnx.Module):
+    """The text stream's own key/value projections (and key RMSNorm) for JOINT text attention."""
+
+    def __init__(self, dim: int, *, qk_norm: bool, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.to_k = dense(dim, dim, ("embed", "heads"), **kw)
+        self.to_v = dense(dim, dim, ("embed", "heads"), **kw)
+        self.norm_k = RMSNorm(dim, eps=eps, param_dtype=param_dtype) if qk_norm else None
+
+    def __call__(self, text: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """text (B, L, D) -> keys, values (B, L, D)."""
+        k = self.to_k(text)
+        return (k if self.norm_k is None else self.norm_k(k)), self.to_v(text)
+
+
+def joint_attention(attn: WanAttention, x: jax.Array, text_kv: tuple[jax.Array, jax.Array], rope: RopeTables,
+                    kv_mask: jax.Array | None) -> jax.Array:
+    """Self-attention of x (S, n, D) over keys/values [x; text] (S, n + L, D); kv_mask (S, n + L) or None."""
+    q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)  # 3 x (S, n, D)
+    if attn.norm_q is not None:
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    k = jnp.concatenate([k, text_kv[0]], axis=1)  # (S, n + L, D)
+    v = jnp.concatenate([v, text_kv[1]], axis=1)  # (S, n + L, D)
+    s, n, d = q.shape
+    heads = lambda a: a.reshape(s, a.shape[1], attn.num_heads, d // attn.num_heads)  # (S, len, H, K)
+    q, k = apply_rope(heads(q), *rope.q), apply_rope(heads(k), *rope.k)
+    out = attention(q, k, heads(v), kv_mask, attn.impl)  # (S, n, H, K)
+    return attn.to_out[0](out.reshape(s, n, d))  # (S, n, D)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,34 +246,36 @@ class FeedForward(nnx.Module):
 
 
 class DiTBlock(nnx.Module):
-    """Modulated self-attention (3D RoPE), cross-attention to text, modulated MLP (diffusers block)."""
+    """Modulated self-attention (3D RoPE), cross-attention to text, modulated MLP (diffusers block).
+
+    FACTORIZED splits the self-attention into a spatial and a temporal one; JOINT text replaces the
+    cross-attention by text keys/values in the (spatial) self-attention (see the module docstring).
+    """
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         d, f32 = cfg.dim, jnp.float32
-        attn_kw = dict(
-            qk_norm=cfg.qk_norm,
-            eps=cfg.eps,
-            impl=cfg.attention_impl,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            rngs=rngs,
-        )
+        attn_kw = dict(qk_norm=cfg.qk_norm, eps=cfg.eps, impl=cfg.attention_impl, context_parallel=cfg.context_parallel,
+                       dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        cross = cfg.text_attention is TextAttention.CROSS
+        # Default modules first, in their original order, so the default init draws the same random numbers.
         self.norm1 = LayerNorm(d, eps=cfg.eps, affine=False)
         self.attn1 = WanAttention(d, cfg.num_heads, **attn_kw)
-        self.norm2 = LayerNorm(d, eps=cfg.eps, affine=True, param_dtype=f32) if cfg.cross_attn_norm else None
-        self.attn2 = WanAttention(d, cfg.num_heads, **attn_kw)
+        norm2 = cross and cfg.cross_attn_norm
+        self.norm2 = LayerNorm(d, eps=cfg.eps, affine=True, param_dtype=f32) if norm2 else None
+        self.attn2 = WanAttention(d, cfg.num_heads, **attn_kw) if cross else None
         self.norm3 = LayerNorm(d, eps=cfg.eps, affine=False)
         self.ffn = FeedForward(d, cfg.ffn_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.scale_shift_table = nnx.Param(logical(table_init, (None, None, "embed"))(rngs.params(), (1, 6, d), f32))
+        table = logical(table_init, (None, None, "embed"))
+        self.scale_shift_table = nnx.Param(table(rngs.params(), (1, 6, d), f32))
+        factorized = cfg.attention_layout is AttentionLayout.FACTORIZED
+        self.attn_t = WanAttention(d, cfg.num_heads, **attn_kw) if factorized else None
+        # (shift, scale, gate) offsets of the temporal attention; its parameter-free LayerNorm is norm1's.
+        self.scale_shift_table_t = nnx.Param(table(rngs.params(), (1, 3, d), f32)) if factorized else None
+        attn_kw.pop("impl"), attn_kw.pop("context_parallel")
+        self.text_kv = None if cross else TextKV(d, **attn_kw)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        context: jax.Array,
-        modulation: jax.Array,
-        rope: tuple[jax.Array, jax.Array],
-        context_mask: jax.Array | None,
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, modulation: jax.Array, rope: RopeTables,
+                 context_mask: jax.Array | None) -> jax.Array:
         """x (B, N, D), context (B, L, D), modulation (B, 6, D) float32, context_mask (B, L) -> (B, N, D)."""
         x = shard(x, ACT_BND)
         f32 = jnp.float32
@@ -165,14 +283,48 @@ class DiTBlock(nnx.Module):
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = jnp.split(mod, 6, axis=1)  # 6 x (B, 1, D)
 
         h = (self.norm1(x.astype(f32)) * (1 + scale_sa) + shift_sa).astype(x.dtype)
-        x = (x.astype(f32) + self.attn1(h, rope=rope) * gate_sa).astype(x.dtype)
+        x = (x.astype(f32) + self.self_attention(h, context, rope, context_mask) * gate_sa).astype(x.dtype)
 
-        h = x if self.norm2 is None else self.norm2(x.astype(f32)).astype(x.dtype)
-        x = x + self.attn2(h, context, kv_mask=context_mask)
+        if self.attn_t is not None:
+            mod_t = self.scale_shift_table_t[...] + modulation[:, :3]  # (B, 3, D): offsets on the same time signal
+            shift_t, scale_t, gate_t = jnp.split(mod_t, 3, axis=1)  # 3 x (B, 1, D)
+            h = (self.norm1(x.astype(f32)) * (1 + scale_t) + shift_t).astype(x.dtype)
+            x = (x.astype(f32) + self.temporal_attention(h, rope) * gate_t).astype(x.dtype)
+
+        if self.attn2 is not None:
+            h = x if self.norm2 is None else self.norm2(x.astype(f32)).astype(x.dtype)
+            x = x + self.attn2(h, context, kv_mask=context_mask)
 
         h = (self.norm3(x.astype(f32)) * (1 + scale_ff) + shift_ff).astype(x.dtype)
         x = (x.astype(f32) + self.ffn(h).astype(f32) * gate_ff).astype(x.dtype)
         return shard(x, ACT_BND)
+
+    def self_attention(self, h: jax.Array, context: jax.Array, rope: RopeTables, context_mask) -> jax.Array:
+        """The first self-attention of (B, N, D): over the clip (JOINT_3D) or within each frame (FACTORIZED)."""
+        if self.attn_t is None and self.text_kv is None:
+            return self.attn1(h, rope=rope.q)  # Wan 2.1
+        b, n, d = h.shape
+        hw = rope.q[0].shape[0]  # tokens per attended sequence: N (JOINT_3D) or h*w (FACTORIZED)
+        frames = n // hw  # 1 (JOINT_3D) or t (FACTORIZED)
+        h = h.reshape(b * frames, hw, d)  # (B*t, h*w, D); token order is (t, h, w) row-major
+        if self.text_kv is None:
+            out = self.attn1(h, rope=rope.q)
+        else:
+            text_kv = [jnp.repeat(a, frames, axis=0) for a in self.text_kv(context)]  # 2 x (B*t, L, D)
+            kv_mask = None
+            if context_mask is not None:
+                text_mask = jnp.repeat(context_mask.astype(bool), frames, axis=0)  # (B*t, L)
+                kv_mask = jnp.concatenate([jnp.ones((b * frames, hw), bool), text_mask], axis=1)  # (B*t, h*w + L)
+            out = joint_attention(self.attn1, h, text_kv, rope, kv_mask)
+        return out.reshape(b, n, d)  # (B, N, D)
+
+    def temporal_attention(self, h: jax.Array, rope: RopeTables) -> jax.Array:
+        """FACTORIZED: attention across the t frames at each (h, w) location of (B, N, D) tokens."""
+        b, n, d = h.shape
+        t = rope.temporal[0].shape[0]
+        h = h.reshape(b, t, n // t, d).transpose(0, 2, 1, 3)  # (B, h*w, t, D)
+        out = self.attn_t(h.reshape(b * (n // t), t, d), rope=rope.temporal)  # (B*h*w, t, D)
+        return out.reshape(b, n // t, t, d).transpose(0, 2, 1, 3).reshape(b, n, d)  # (B, N, D)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,10 +371,16 @@ class WanDiT(nnx.Module):
                 f"expected latents (..., {cfg.in_channels}) and context (..., {cfg.text_dim}); "
                 f"got {latents.shape} and {context.shape}"
             )
+        non_default = (cfg.attention_layout, cfg.text_attention) != (AttentionLayout.JOINT_3D, TextAttention.CROSS)
+        if non_default and context_parallel_enabled(jax.sharding.get_abstract_mesh(), current_rules()):
+            raise ValueError(
+                f"context parallelism (mesh 'context' axis > 1) supports only attention_layout=joint_3d with "
+                f"text_attention=cross; got {cfg.attention_layout.value} / {cfg.text_attention.value}: "
+                "set mesh.context=1 or the default attention switches")
         grid = tuple(s // p for s, p in zip(latents.shape[1:4], cfg.patch_size))
         x = shard(self.patch_embedding(latents), ACT_BND)  # (B, N, D)
         temb, modulation, context = self.condition_embedder(timesteps, context.astype(cfg.dtype))
-        rope = rope_3d(grid, cfg.head_dim, cfg.rope_theta)  # 2 x (N, K/2)
+        rope = block_rope(grid, cfg, context.shape[1])  # tables per self-attention, see RopeTables
         x = self._run_blocks(x, context, modulation, rope, context_mask)
 
         shift, scale = jnp.split(self.scale_shift_table[...] + temb[:, None, :], 2, axis=1)  # 2 x (B, 1, D)

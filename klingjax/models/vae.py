@@ -25,6 +25,7 @@ from jax.typing import DTypeLike
 
 from klingjax.models.layers.conv3d import CausalConv3d, WanRMSNorm
 from klingjax.models.vae_blocks import (
+    ACT_AXES,
     Cache,
     ResampleMode,
     WanAttentionBlock,
@@ -36,7 +37,7 @@ from klingjax.models.vae_blocks import (
 )
 from klingjax.sharding.rules import shard
 
-_ACT = ("act_batch", "act_frames", "act_height", "act_width", "act_channels")
+_ACT = ACT_AXES
 _LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 
 
@@ -126,6 +127,7 @@ class WanEncoder3d(nnx.Module):
     def __call__(self, x: jax.Array, cache: Cache = None, *, first: bool) -> tuple[jax.Array, Cache]:
         """Returns (features, new cache); `first` marks a chunk starting at the clip's first frame."""
         x, c_in = self.conv_in(x, sub(cache, "conv_in"))
+        x = shard(x, _ACT)
         caches = []
         for i, layer in enumerate(self.down_blocks):
             if isinstance(layer, WanResample):
@@ -135,7 +137,7 @@ class WanEncoder3d(nnx.Module):
             x = shard(x, _ACT)
             caches.append(c)
         x, c_mid = self.mid_block(x, sub(cache, "mid_block"))
-        x, c_out = self.conv_out(jax.nn.silu(self.norm_out(x)), sub(cache, "conv_out"))
+        x, c_out = self.conv_out(jax.nn.silu(self.norm_out(shard(x, _ACT))), sub(cache, "conv_out"))
         return x, {"conv_in": c_in, "down_blocks": caches, "mid_block": c_mid, "conv_out": c_out}
 
 
@@ -166,14 +168,15 @@ class WanDecoder3d(nnx.Module):
     def __call__(self, x: jax.Array, cache: Cache = None, *, first: bool) -> tuple[jax.Array, Cache]:
         """Returns (video, new cache); `first` marks a chunk starting at the clip's first latent frame."""
         x, c_in = self.conv_in(x, sub(cache, "conv_in"))
-        x, c_mid = self.mid_block(x, sub(cache, "mid_block"))
+        x, c_mid = self.mid_block(shard(x, _ACT), sub(cache, "mid_block"))
+        x = shard(x, _ACT)
         caches = []
         for i, block in enumerate(self.up_blocks):
             x, c = block(x, sub(sub(cache, "up_blocks"), i), first=first)
             x = shard(x, _ACT)
             caches.append(c)
         x, c_out = self.conv_out(jax.nn.silu(self.norm_out(x)), sub(cache, "conv_out"))
-        return x, {"conv_in": c_in, "mid_block": c_mid, "up_blocks": caches, "conv_out": c_out}
+        return shard(x, _ACT), {"conv_in": c_in, "mid_block": c_mid, "up_blocks": caches, "conv_out": c_out}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,7 +251,7 @@ class CausalVAE(nnx.Module):
     def decode(self, z: jax.Array, *, clip: bool = True) -> jax.Array:
         """Latents (B, t, h, w, z_dim) -> video (B, 1 + tf*(t-1), H, W, 3), clipped to [-1, 1] as diffusers."""
         self._check_latents(z)
-        x, _ = self.post_quant_conv(z)
+        x, _ = self.post_quant_conv(shard(z, _ACT))
         x, _ = self.decoder(x, first=True)
         return jnp.clip(x, -1.0, 1.0) if clip else x
 
@@ -264,39 +267,74 @@ class CausalVAE(nnx.Module):
     # -- streaming path --
 
     def encode_streaming(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """As `encode`, but frame 0 then a scan over chunks of `temporal_factor` frames with a frame cache."""
+        """As `encode`, but frame 0 then a scan over chunks of `temporal_factor` frames with a frame cache.
+
+        The posterior is written chunk by chunk into preallocated (mean, logvar) buffers carried by the scan
+        (updated in place), so working memory does not grow with clip length; see `decode_streaming`.
+        """
         self._check_video(x)
         self._check_inference()
-        b, t, hh, ww, c = x.shape
+        b, t = x.shape[:2]
         tf = self.cfg.temporal_factor
-        h0, cache = self.encoder(x[:, :1], first=True)  # (B, 1, h, w, 2z)
+        h0, cache = self.encoder(shard(x[:, :1], _ACT), first=True)  # (B, 1, h, w, 2z)
+        mean0, logvar0 = self._moments(h0)  # each (B, 1, h, w, z)
         if t == 1:
-            return self._moments(h0)
+            return mean0, logvar0
         n = (t - 1) // tf
-        chunks = jnp.moveaxis(x[:, 1:].reshape(b, n, tf, hh, ww, c), 1, 0)  # (n, B, tf, H, W, C)
+        buffers = [jnp.zeros((b, 1 + n, *m.shape[2:]), m.dtype).at[:, :1].set(m) for m in (mean0, logvar0)]
 
-        def step(cache, chunk):
-            h, cache = self.encoder(chunk, cache, first=False)  # (B, 1, h, w, 2z)
-            return cache, h[:, 0]
+        def step(carry, i):
+            cache, mean, logvar = carry
+            chunk = jax.lax.dynamic_slice_in_dim(x, 1 + tf * i, tf, axis=1)  # (B, tf, H, W, C)
+            h, cache = self.encoder(shard(chunk, _ACT), cache, first=False)  # (B, 1, h, w, 2z)
+            m, lv = self._moments(h)  # each (B, 1, h, w, z)
+            mean = jax.lax.dynamic_update_slice_in_dim(mean, m, 1 + i, axis=1)
+            logvar = jax.lax.dynamic_update_slice_in_dim(logvar, lv, 1 + i, axis=1)
+            return (cache, mean, logvar), None
 
-        _, hs = jax.lax.scan(step, cache, chunks)  # (n, B, h, w, 2z)
-        h = jnp.concatenate([h0, jnp.moveaxis(hs, 0, 1)], axis=1)  # (B, 1 + n, h, w, 2z)
-        return self._moments(h)
+        (_, mean, logvar), _ = jax.lax.scan(step, (cache, *buffers), jnp.arange(n))
+        return mean, logvar
 
     def decode_streaming(self, z: jax.Array, *, clip: bool = True) -> jax.Array:
-        """As `decode`, but one latent frame at a time (a scan after frame 0) with a frame cache."""
+        """As `decode`, but one latent frame at a time (a scan after frame 0) with a frame cache.
+
+        Each step writes its `temporal_factor` frames into a preallocated output video carried by the scan
+        (`dynamic_update_slice`, done in place by XLA), so no stacked per-step outputs, transposes or
+        concatenations exist: the compiled program's temp memory is the same for any clip length, and only the
+        output video itself grows. For videos too long for the device, `vae_tiling.decode_to_host` runs the
+        same per-chunk step from a host loop and copies frames out as they are made.
+        """
         self._check_latents(z)
         self._check_inference()
         b, t = z.shape[:2]
-        x0, cache = self.decoder(self.post_quant_conv(z[:, :1])[0], first=True)  # (B, 1, H, W, 3)
-        if t > 1:
+        tf = self.cfg.temporal_factor
+        finish = (lambda v: jnp.clip(v, -1.0, 1.0)) if clip else (lambda v: v)
+        x0, cache = self.decode_chunk(z[:, :1], None)  # (B, 1, H, W, 3)
+        if t == 1:
+            return finish(x0)
+        out = jnp.zeros((b, 1 + tf * (t - 1), *x0.shape[2:]), x0.dtype).at[:, :1].set(finish(x0))
 
-            def step(cache, zi):
-                x, _ = self.post_quant_conv(zi[:, None])  # (B, 1, h, w, z)
-                x, cache = self.decoder(x, cache, first=False)  # (B, tf, H, W, 3)
-                return cache, x
+        def step(carry, i):
+            cache, out = carry
+            x, cache = self.decode_chunk(jax.lax.dynamic_slice_in_dim(z, i, 1, axis=1), cache)  # (B, tf, H, W, 3)
+            out = jax.lax.dynamic_update_slice_in_dim(out, finish(x), 1 + tf * (i - 1), axis=1)
+            return (cache, out), None
 
-            _, xs = jax.lax.scan(step, cache, jnp.moveaxis(z[:, 1:], 1, 0))  # (t-1, B, tf, H, W, 3)
-            xs = jnp.moveaxis(xs, 0, 1)  # (B, t-1, tf, H, W, 3)
-            x0 = jnp.concatenate([x0, xs.reshape(b, -1, *xs.shape[3:])], axis=1)  # (B, 1 + tf(t-1), H, W, 3)
-        return jnp.clip(x0, -1.0, 1.0) if clip else x0
+        (_, out), _ = jax.lax.scan(step, (cache, out), jnp.arange(1, t))
+        return out
+
+    def decode_chunk(self, z: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        """One streaming step: latent frames (B, n, h, w, z) -> (unclipped video, new cache).
+
+        `cache=None` starts a clip (frame 0 -> 1 video frame, later latent frames -> `temporal_factor` each).
+        """
+        x, _ = self.post_quant_conv(shard(z, _ACT))  # (B, n, h, w, z)
+        return self.decoder(x, cache, first=cache is None)
+
+    def encode_chunk(self, x: jax.Array, cache: Cache) -> tuple[tuple[jax.Array, jax.Array], Cache]:
+        """One streaming step: video frames (B, T, H, W, 3) -> ((mean, logvar) of its latent frames, new cache).
+
+        `cache=None` starts a clip (T = 1 + tf * k); later chunks take T = tf * k frames.
+        """
+        h, cache = self.encoder(shard(x, _ACT), cache, first=cache is None)  # (B, t, h, w, 2z)
+        return self._moments(h), cache

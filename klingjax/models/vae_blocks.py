@@ -21,8 +21,11 @@ from flax import nnx
 from jax.typing import DTypeLike
 
 from klingjax.models.layers.conv3d import CausalConv3d, FrameConv2d, WanRMSNorm
+from klingjax.sharding.rules import shard
 
 Cache = Any  # a pytree of (B, n, H, W, C) arrays (and Nones), mirroring the module tree
+# Logical axes of every (B, T, H, W, C) activation; the VAE rules map act_height to "context" (spatial split).
+ACT_AXES = ("act_batch", "act_frames", "act_height", "act_width", "act_channels")
 
 
 def sub(cache: Cache, key: str | int) -> Cache:
@@ -194,8 +197,8 @@ class WanMidBlock(nnx.Module):
         x, c0 = self.resnets[0](x, sub(sub(cache, "resnets"), 0))
         caches = [c0]
         for i, (attn, resnet) in enumerate(zip(self.attentions, self.resnets[1:])):
-            x, _ = attn(x)
-            x, c = resnet(x, sub(sub(cache, "resnets"), i + 1))
+            x, _ = attn(shard(x, ACT_AXES))
+            x, c = resnet(shard(x, ACT_AXES), sub(sub(cache, "resnets"), i + 1))
             caches.append(c)
         return x, {"resnets": caches}
 
@@ -226,6 +229,7 @@ class WanUpBlock(nnx.Module):
         caches = []
         for i, resnet in enumerate(self.resnets):
             x, c = resnet(x, sub(sub(cache, "resnets"), i))
+            x = shard(x, ACT_AXES)  # the largest activations of the VAE live here (full-resolution stages)
             caches.append(c)
         up_caches = []
         if self.upsamplers is not None:

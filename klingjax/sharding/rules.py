@@ -68,15 +68,18 @@ def _override(base: Rules, **updates) -> Rules:
 _DP = _ACT + _REPLICATED_PARAMS
 _FSDP = _override(_DP, embed="fsdp", text_embed="fsdp", conv_out="fsdp")
 _FSDP_TP = _override(_FSDP, mlp="tensor", heads="tensor")
-_FSDP_CP = _override(_FSDP_TP)  # same params as fsdp_tp; the context axis splits act_length / act_height.
+# Same params as fsdp_tp; tokens over "context" make the DiT's self-attention context parallel
+# (klingjax.sharding.context_parallel: all-to-all or ring), heads over "tensor".
+_FSDP_CP = _override(_FSDP_TP, act_length="context", act_heads="tensor")
 
-# DiT presets: the sequence axis is tokens; VAE presets split large frames spatially (act_height).
+# DiT presets: the sequence axis is tokens; VAE presets split large frames spatially (act_height), and GSPMD
+# exchanges the halo rows the 3x3 convs need between neighbouring height shards.
 DIT_RULES: dict[str, Rules] = {"dp": _DP, "fsdp": _FSDP, "fsdp_tp": _FSDP_TP, "fsdp_cp": _FSDP_CP}
 VAE_RULES: dict[str, Rules] = {
     "dp": _DP,
     "fsdp": _FSDP,
     "fsdp_tp": _FSDP,  # VAE convs are small: no tensor parallelism, only fsdp of output channels.
-    "fsdp_cp": _FSDP,
+    "fsdp_cp": _override(_FSDP, act_height="context"),
 }
 LOGICAL_AXES = frozenset(k for k, _ in _DP)
 

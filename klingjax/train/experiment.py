@@ -24,10 +24,10 @@ from klingjax.train.loop import load_trained, train_stage
 from klingjax.train.stages import psnr
 
 
-def _text_encoder():
-    from klingjax.models.text_encoders import load_minilm
+def _text_encoder(exp: ExperimentConfig):
+    from klingjax.models.text_encoders import load_text_encoder
 
-    return load_minilm()
+    return load_text_encoder(exp.text_encoder)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,11 +114,11 @@ def run_cache(exp: ExperimentConfig, workdir: str, mesh) -> dict:
     from data_pipelines.cache_latents import cache_latents
 
     vae = load_trained(stages.vae_stage(exp, workdir), exp.vae, workdir=workdir, mesh=mesh, seed=exp.seed)
-    return cache_latents(exp, workdir, vae, _text_encoder())
+    return cache_latents(exp, workdir, vae, _text_encoder(exp))
 
 
 def run_dit(exp: ExperimentConfig, workdir: str, mesh) -> dict:
-    text_encoder = _text_encoder()
+    text_encoder = _text_encoder(exp)
     null_ctx, null_mask = text_encoder.encode([""], exp.text_max_len)
     spec = stages.dit_stage(exp, workdir, (np.asarray(null_ctx)[0], np.asarray(null_mask)[0]),
                             on_sample=_dit_sampler(exp, workdir, mesh, text_encoder))
@@ -127,15 +127,15 @@ def run_dit(exp: ExperimentConfig, workdir: str, mesh) -> dict:
 
 def trained_generator(exp: ExperimentConfig, workdir: str, mesh) -> VideoGenerator:
     """The trained DiT (EMA if `sample.use_ema`) + VAE + text encoder of `workdir` as a VideoGenerator."""
-    text_encoder = _text_encoder()
+    text_encoder = _text_encoder(exp)
     null = text_encoder.encode([""], exp.text_max_len)
     dit_spec = stages.dit_stage(exp, workdir, (np.asarray(null[0])[0], np.asarray(null[1])[0]))
     dit = load_trained(dit_spec, exp.dit, workdir=workdir, mesh=mesh, seed=exp.seed, use_ema=exp.sample.use_ema)
     return _generator(exp, workdir, mesh, dit, text_encoder)
 
 
-def load_workdir_generator(workdir: str) -> tuple[ExperimentConfig, VideoGenerator]:
-    """(config, generator) of a finished experiment work dir, from its `config.json` and checkpoints."""
+def load_workdir_config(workdir: str) -> ExperimentConfig:
+    """The `ExperimentConfig` a klingjax-train work dir ran with (its config.json)."""
     import ml_collections
 
     from klingjax.config import to_experiment
@@ -144,7 +144,12 @@ def load_workdir_generator(workdir: str) -> tuple[ExperimentConfig, VideoGenerat
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir} has no config.json; is it a klingjax-train work dir?")
     with open(path) as f:
-        exp = to_experiment(ml_collections.ConfigDict(json.load(f)))
+        return to_experiment(ml_collections.ConfigDict(json.load(f)))
+
+
+def load_workdir_generator(workdir: str) -> tuple[ExperimentConfig, VideoGenerator]:
+    """(config, generator) of a finished experiment work dir, from its `config.json` and checkpoints."""
+    exp = load_workdir_config(workdir)
     mesh = make_mesh(exp.mesh.sizes)
     return exp, trained_generator(exp, workdir, mesh)
 

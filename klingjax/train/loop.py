@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from klingjax.config import StageConfig
@@ -26,9 +27,9 @@ from klingjax.train.checkpoint import (
     local_iterator_state,
 )
 from klingjax.train.metrics import MetricWriter
-from klingjax.train.optim import learning_rate_schedule, make_optimizer
+from klingjax.train.optim import learning_rate_schedule, make_disc_optimizer, make_optimizer
 from klingjax.train.state import create_trainer, param_count
-from klingjax.train.step import LossFn, batch_sharding, compile_train_step, make_train_step
+from klingjax.train.step import ContextLossFn, LossFn, batch_sharding, compile_train_step, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +39,19 @@ class StageSpec:
     name: str  # "vae" | "dit"; also the sub-directory of the workdir
     rules_kind: str  # which rule table: "vae" | "dit"
     make_model: Callable[[nnx.Rngs], nnx.Module]
-    loss_fn: LossFn
+    loss_fn: LossFn | ContextLossFn  # the second form when `loss_context`
     # (per_host_batch, seed, process_index, process_count) -> grain.IterDataset of numpy batches
     make_dataset: Callable[[int, int, int, int], grain.IterDataset]
     array_keys: tuple[str, ...]  # batch entries the step consumes
     # (ema_model, step, out_dir) -> dict of scalar metrics, run on every host (sampling is collective)
     on_sample: Callable[[nnx.Module, int, str], Mapping[str, float]] | None = None
+    loss_context: bool = False  # loss_fn(model, batch, key, LossContext) instead of loss_fn(model, batch, key)
+    # A discriminator trained next to the model (top-level `disc` + `disc_optimizer` in the checkpoint) from
+    # optimizer step `cfg.disc_start` at `cfg.disc_lr`; the model, its EMA and their checkpoint keys are unchanged.
+    make_disc: Callable[[nnx.Rngs], nnx.Module] | None = None
+    # () -> pytree of frozen arrays the loss reads as ctx.frozen (LPIPS weights): loaded once, replicated, passed
+    # to the jitted step as an argument (constants would be folded into the program); never trained or saved.
+    frozen: Callable[[], Any] | None = None
 
 
 def stage_dir(workdir: str, name: str) -> str:
@@ -58,6 +66,13 @@ def _global_batch(local: Mapping[str, np.ndarray], keys: tuple[str, ...], shardi
 def _fingerprint(local: Mapping[str, np.ndarray], key: str) -> int:
     """A cheap checksum of the host's batch: equal fingerprints mean the same data order."""
     return zlib.adler32(np.ascontiguousarray(local[key]).tobytes()[:1 << 16])
+
+
+def _create_trainer(spec: StageSpec, cfg: StageConfig, mesh: jax.sharding.Mesh, rules, seed: int):
+    """The stage's sharded trainer (with its discriminator, if the stage has one)."""
+    disc_tx = make_disc_optimizer(cfg) if spec.make_disc else None
+    return create_trainer(spec.make_model, make_optimizer(cfg.optim, cfg.steps), mesh, rules, seed,
+                          make_disc=spec.make_disc, disc_tx=disc_tx)
 
 
 def _init_from(st, state: nnx.State, cfg: StageConfig) -> nnx.State:
@@ -93,9 +108,15 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
     data_iter = iter(spec.make_dataset(per_host, seed, proc, n_proc))
 
     # --- State (abstract first, then initialised onto the mesh) ------------------------------------
-    tx = make_optimizer(cfg.optim, cfg.steps)
-    st = create_trainer(spec.make_model, tx, mesh, rules, seed)
+    st = _create_trainer(spec, cfg, mesh, rules, seed)
     logging.info("%s: %s params", spec.name, f"{param_count(st.state):,}")
+    if spec.make_disc:
+        logging.info("%s: discriminator %s params, trains from step %d", spec.name,
+                     f"{param_count(st.state, 'disc'):,}", cfg.disc_start)
+    frozen = None
+    if spec.frozen:
+        frozen = jax.device_put(spec.frozen(), NamedSharding(mesh, PartitionSpec()))
+    extra = () if frozen is None else (frozen,)
 
     # --- Restore -----------------------------------------------------------------------------------
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints)
@@ -116,14 +137,14 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
 
     # --- Compile step 0 ahead of time, log memory --------------------------------------------------
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        step_fn = compile_train_step(
-            make_train_step(st.graphdef, spec.loss_fn, ema_decay=cfg.optim.ema_decay), st.shardings, mesh
-        )
+        train_step = make_train_step(st.graphdef, spec.loss_fn, ema_decay=cfg.optim.ema_decay,
+                                     context=spec.loss_context, disc_start=cfg.disc_start, frozen=bool(extra))
+        step_fn = compile_train_step(train_step, st.shardings, mesh, frozen=bool(extra))
         local = next(data_iter)
         batch = _global_batch(local, spec.array_keys, batch_sharding(mesh))
         base_key = jax.random.key(seed)
         t0 = time.time()
-        compiled = step_fn.lower(state, batch, base_key).compile()
+        compiled = step_fn.lower(state, batch, base_key, *extra).compile()
         logging.info("%s: compiled step in %.1fs; memory %s", spec.name, time.time() - t0, compiled.memory_analysis())
 
     # --- Train -------------------------------------------------------------------------------------
@@ -139,7 +160,7 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
             pending = None
             batch = _global_batch(local, spec.array_keys, batch_sharding(mesh))
             fingerprint = _fingerprint(local, spec.array_keys[0])
-            state, metrics = compiled(state, batch, base_key)  # async dispatch: the next load overlaps
+            state, metrics = compiled(state, batch, base_key, *extra)  # async dispatch: the next load overlaps
             step, ran = step + 1, ran + 1
             bar.update(1)
             preempted = guard.should_stop(step)  # agreed by every process
@@ -174,7 +195,7 @@ def load_trained(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.s
                  use_ema: bool = True) -> nnx.Module:
     """Restore a stage's latest checkpoint and return its (EMA) model, sharded on the mesh."""
     rules = get_rules(cfg.sharding, spec.rules_kind)
-    st = create_trainer(spec.make_model, make_optimizer(cfg.optim, cfg.steps), mesh, rules, seed)
+    st = _create_trainer(spec, cfg, mesh, rules, seed)
     ckpt = Checkpointer(os.path.join(stage_dir(workdir, spec.name), "checkpoints"), keep=cfg.keep_checkpoints)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"stage {spec.name!r} has no checkpoint under {workdir}: run it first")

@@ -3,6 +3,9 @@
     klingjax-train --config experiments/demo.py --workdir /tmp/demo
     klingjax-train --config experiments/demo.py:runlocal --workdir /tmp/tiny --config.dit.steps=50
     python -m klingjax.train.main --config ... --workdir ...   (same thing)
+    klingjax-train --config experiments/t2v_recipe.py --config.dit.variant=14B --dry_run
+        (compile the DiT train step for the configured mesh, print params/optimizer/compiled memory per device,
+        exit; no data, checkpoints or --workdir needed: see klingjax/train/dry_run.py)
 
 Multi-host: on TPU pods and SLURM, `jax.distributed.initialize()` auto-detects the cluster; for several
 local processes pass --coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=I.
@@ -24,6 +27,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (data, checkpoin
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (local multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (local multi-process).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (local multi-process).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the DiT stage's train step abstractly on the configured "
+                             "mesh, print param/optimizer/compiled memory per device and exit (no training).")
 
 # Any of these means "a cluster started us": call jax.distributed.initialize() and let it auto-detect.
 # KLINGJAX_DISTRIBUTED=1 is set by launch/tpu_pod.sh (a TPU VM's ssh session has none of the others).
@@ -58,6 +63,11 @@ def main(argv) -> None:
         exp = to_experiment(_CONFIG.value)
     except ConfigError as e:
         raise app.UsageError(str(e)) from e
+    if _DRY_RUN.value:
+        _dry_run(exp)
+        return
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required (only --dry_run runs without one)")
     initialize_distributed()
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)
@@ -67,9 +77,20 @@ def main(argv) -> None:
     logging.info("done: %s", {k: v for k, v in results.items() if k == "eval"})
 
 
+def _dry_run(exp) -> None:
+    """Print the dry-run report of the DiT stage (one process; the local devices form the mesh)."""
+    from klingjax.train import dry_run
+
+    try:
+        report = dry_run.dry_run(exp)
+    except ConfigError as e:
+        raise app.UsageError(str(e)) from e
+    print(dry_run.format_report(report), flush=True)
+
+
 def run() -> None:
     """Console-script entry point."""
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.mark_flags_as_required(["config"])
     app.run(main)
 
 

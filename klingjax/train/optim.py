@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import optax
 
-from klingjax.config import OptimConfig
+from klingjax.config import OptimConfig, StageConfig
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -30,6 +32,16 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
         optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=_ndim_mask),
     )
+
+
+def make_disc_optimizer(cfg: StageConfig) -> optax.GradientTransformation:
+    """The discriminator's optimiser: the stage's, at `disc_lr` (0: the stage's lr), counting its own steps.
+
+    The train step leaves the discriminator (and this optimiser's state) untouched before `disc_start`, so its
+    warmup and decay run over the `steps - disc_start` steps it trains.
+    """
+    optim = dataclasses.replace(cfg.optim, lr=cfg.disc_lr or cfg.optim.lr)
+    return make_optimizer(optim, max(1, cfg.steps - cfg.disc_start))
 
 
 def _ndim_mask(params):

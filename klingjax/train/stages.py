@@ -12,13 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from klingjax.config import ExperimentConfig
+from klingjax.config import ExperimentConfig, StageConfig
 from klingjax.data.pipeline import decode_video_record, make_dataset
 from klingjax.data.records import list_shards
 from klingjax.diffusion import losses, schedules
+from klingjax.models.discriminator import DiscriminatorConfig, PatchDiscriminator3D
 from klingjax.models.dit import WanDiT, dit_config
-from klingjax.models.vae import VAE_VARIANTS, CausalVAE, VAEConfig, kl_divergence
+from klingjax.models.vae import VAE_VARIANTS, CausalVAE, VAEConfig
 from klingjax.train.loop import StageSpec
+from klingjax.train.vae_losses import VAELossConfig, load_lpips, vae_loss
+from klingjax.train.vae_losses import psnr as psnr  # re-exported: the VAE sampler reads it from here
 
 # ---------------------------------------------------------------------------------------------------------
 # Paths and model configs
@@ -63,12 +66,6 @@ def train_shift(exp: ExperimentConfig) -> float:
     return schedules.resolution_shift((t // pt) * (h // ph) * (w // pw))
 
 
-def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
-    """PSNR in dB of videos in [-1, 1]; mean over the batch of per-clip values."""
-    mse = jnp.mean(jnp.square(x - y), axis=tuple(range(1, x.ndim)))  # (B,)
-    return jnp.mean(10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10)))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # VAE stage
 # ---------------------------------------------------------------------------------------------------------
@@ -79,22 +76,27 @@ def _video_only(record: dict, *, num_frames: int, height: int, width: int) -> di
     return {"video": out["video"]}
 
 
+def vae_loss_config(cfg: StageConfig) -> VAELossConfig:
+    """The loss weights of the vae stage config."""
+    return VAELossConfig(kl_weight=cfg.kl_weight, mse_weight=cfg.mse_weight, lpips_weight=cfg.lpips_weight,
+                         lpips_net=cfg.lpips_net, lpips_frames=cfg.lpips_frames, disc_weight=cfg.disc_weight,
+                         disc_start=cfg.disc_start)
+
+
 def vae_stage(exp: ExperimentConfig, workdir: str, on_sample=None) -> StageSpec:
-    """Stage "vae": L1 (+ MSE) + KL reconstruction training of the causal VAE on raw clips."""
+    """Stage "vae": L1 (+ MSE) + LPIPS + KL [+ 3D PatchGAN] training of the causal VAE on raw clips."""
     vcfg = vae_config(exp)
     cfg, d = exp.vae, exp.data
+    loss_cfg = vae_loss_config(cfg)
 
     def make_model(rngs: nnx.Rngs) -> CausalVAE:
         return CausalVAE(vcfg, rngs=rngs)
 
-    def loss_fn(model: CausalVAE, batch, key):
-        x = batch["video"]
-        recon, mean, logvar = model(x, rngs_or_key=key)
-        err = recon - x
-        l1, mse = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
-        kl = jnp.mean(kl_divergence(mean, logvar)) / np.prod(mean.shape[1:])  # per latent element
-        loss = l1 + cfg.mse_weight * mse + cfg.kl_weight * kl
-        return loss, {"l1": l1, "mse": mse, "kl": kl, "psnr": psnr(jnp.clip(recon, -1, 1), x)}
+    make_disc = None
+    if cfg.disc_weight > 0:
+        dcfg = DiscriminatorConfig(dim=cfg.disc_dim, num_layers=cfg.disc_layers, in_channels=vcfg.out_channels)
+        make_disc = lambda rngs: PatchDiscriminator3D(dcfg, rngs=rngs)
+    frozen = (lambda: {"lpips": load_lpips(cfg.lpips_net)}) if cfg.lpips_weight > 0 else None
 
     def dataset(per_host: int, seed: int, index: int, count: int):
         # A causal VAE is convolutional in time: short clips train it for any length, at a fraction of the cost.
@@ -104,7 +106,8 @@ def vae_stage(exp: ExperimentConfig, workdir: str, on_sample=None) -> StageSpec:
                             seed=seed, shuffle=True, num_epochs=None, process_index=index, process_count=count,
                             worker_count=d.worker_count)
 
-    return StageSpec("vae", "vae", make_model, loss_fn, dataset, ("video",), on_sample)
+    return StageSpec("vae", "vae", make_model, functools.partial(vae_loss, cfg=loss_cfg), dataset, ("video",),
+                     on_sample, loss_context=True, make_disc=make_disc, frozen=frozen)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,12 +15,23 @@ from klingjax.sharding.rules import Rules, fit_spec_to_shape, logical_to_mesh
 
 
 class Trainer(nnx.Module):
-    """Everything a train step updates: the model, its optimiser state and an EMA copy of the params."""
+    """Everything a train step updates: the model, its optimiser state and an EMA copy of the params.
 
-    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation):
+    Optionally a discriminator with its own optimiser (VAE GAN training). Without one, `disc` and
+    `disc_optimizer` are None, which NNX keeps out of the state: the checkpoint tree is `{model, optimizer, ema}`.
+    With one it adds the top-level `disc` and `disc_optimizer` subtrees, so `model` and `ema` (what export,
+    `init_from` and the generator loaders read) stay exactly the model's params.
+    """
+
+    def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, disc: nnx.Module | None = None,
+                 disc_tx: optax.GradientTransformation | None = None):
+        if (disc is None) != (disc_tx is None):
+            raise ValueError("Trainer: a discriminator needs its own optimiser (pass disc and disc_tx, or neither)")
         self.model = model
         self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
         self.ema = nnx.clone(model)  # EMA of params; initialised to the params (bias-free from step 0).
+        self.disc = disc
+        self.disc_optimizer = nnx.Optimizer(disc, disc_tx, wrt=nnx.Param) if disc is not None else None
 
     @property
     def step(self) -> jax.Array:
@@ -59,11 +70,18 @@ def create_trainer(
     mesh: jax.sharding.Mesh,
     rules: Rules,
     seed: int,
+    *,
+    make_disc: Callable[[nnx.Rngs], nnx.Module] | None = None,
+    disc_tx: optax.GradientTransformation | None = None,
 ) -> ShardedTrainer:
-    """Build the trainer shape-only, derive shardings, then initialise directly onto the mesh."""
+    """Build the trainer shape-only, derive shardings, then initialise directly onto the mesh.
+
+    `make_disc` (with `disc_tx`) adds a discriminator, initialised from its own seed stream.
+    """
 
     def init() -> Trainer:
-        return Trainer(make_model(nnx.Rngs(seed)), tx)
+        disc = make_disc(nnx.Rngs(jax.random.fold_in(jax.random.key(seed), 1))) if make_disc else None
+        return Trainer(make_model(nnx.Rngs(seed)), tx, disc, disc_tx if make_disc else None)
 
     # No mesh is set while building: shardings come from our rules via out_shardings, not from eager
     # placement at creation (flax's eager path does not resolve two dims mapping to one mesh axis).
@@ -74,9 +92,9 @@ def create_trainer(
     return ShardedTrainer(graphdef, state, shardings, abstract_state)
 
 
-def param_count(state: nnx.State) -> int:
-    """Number of trainable parameters of the model inside a trainer state."""
-    leaves = jax.tree.leaves(state["model"], is_leaf=lambda x: isinstance(x, nnx.Variable))
+def param_count(state: nnx.State, part: str = "model") -> int:
+    """Number of trainable parameters of the model (or `part`, e.g. "disc") inside a trainer state."""
+    leaves = jax.tree.leaves(state[part], is_leaf=lambda x: isinstance(x, nnx.Variable))
     return int(sum(np.prod(v.shape) for v in leaves if isinstance(v, nnx.Param)))
 
 

@@ -1,8 +1,20 @@
-"""The train step: a pure function `(state, batch, key) -> (state, metrics)` compiled with explicit shardings."""
+"""The train step: a pure function `(state, batch, key[, frozen]) -> (state, metrics)` compiled with explicit shardings.
+
+Two loss signatures:
+  * `loss_fn(model, batch, key) -> (loss, metrics)`: the DiT stage;
+  * `loss_fn(model, batch, key, ctx: LossContext) -> (loss, metrics)` (`make_train_step(..., context=True)`):
+    the loss also sees the optimizer step, frozen arrays passed to the step as jit arguments (LPIPS weights),
+    and the trainer's discriminator, if it has one.
+With a discriminator the returned scalar is differentiated w.r.t. the model and the discriminator together: the
+loss must stop gradients so that each player's part reaches only its own parameters (`vae_losses.vae_loss`),
+and it reports the model's own objective as `metrics["loss"]`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,21 +28,65 @@ from klingjax.train.state import Trainer
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
+@dataclasses.dataclass(frozen=True)
+class LossContext:
+    """What a context-taking loss sees besides (model, batch, key)."""
+
+    step: jax.Array  # int32 scalar: optimizer steps taken before this one (0 on the first step)
+    frozen: Any = None  # pytree of frozen arrays (never trained or checkpointed), e.g. {"lpips": params}
+    disc: nnx.Module | None = None  # the discriminator (differentiated together with the model)
+
+
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
     """EMA warm-up: min(decay, (1 + step) / (10 + step)), so early averages are not dominated by init."""
     step = step.astype(jnp.float32)
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, *, ema_decay: float):
-    """Return the pure step; randomness is fold_in(base_key, step) so a resumed run draws the same noise."""
+def _gated(active: jax.Array, new: nnx.State, old: nnx.State) -> nnx.State:
+    """`new` where `active`, else `old`, leaf by leaf."""
+    return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
 
-    def train_step(state: nnx.State, batch: Mapping[str, jax.Array], base_key: jax.Array):
+
+# loss_fn(model, batch, key, ctx) -> (scalar loss, dict of scalar metrics)
+ContextLossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array, LossContext],
+                         tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn | ContextLossFn, *, ema_decay: float, context: bool = False,
+                    disc_start: int = 0, frozen: bool = False):
+    """Return the pure step; randomness is fold_in(base_key, step) so a resumed run draws the same noise.
+
+    `context`: call `loss_fn(model, batch, key, LossContext)`. `frozen`: the step takes a 4th argument, the
+    frozen pytree, handed to the loss as `ctx.frozen`. A trainer with a discriminator updates it from
+    optimizer step `disc_start` on; before that its params and optimizer state stay exactly as initialised.
+    """
+    if frozen and not context:
+        raise ValueError("make_train_step: frozen arrays reach only a context-taking loss (context=True)")
+
+    def train_step(state: nnx.State, batch: Mapping[str, jax.Array], base_key: jax.Array, frozen_args=None):
         trainer: Trainer = nnx.merge(graphdef, state)
         step = trainer.optimizer.step[...]
         key = jax.random.fold_in(base_key, step)
-        grad_fn = nnx.value_and_grad(lambda model: loss_fn(model, batch, key), has_aux=True)
-        (loss, aux), grads = grad_fn(trainer.model)
+        metrics = {}
+        if trainer.disc is None:
+            if context:
+                f = lambda model: loss_fn(model, batch, key, LossContext(step, frozen_args))
+            else:
+                f = lambda model: loss_fn(model, batch, key)
+            (loss, aux), grads = nnx.value_and_grad(f, has_aux=True)(trainer.model)
+        else:
+            if not context:
+                raise ValueError("a trainer with a discriminator needs a context-taking loss (context=True)")
+            f = lambda model, disc: loss_fn(model, batch, key, LossContext(step, frozen_args, disc))
+            (loss, aux), (grads, d_grads) = nnx.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+                trainer.model, trainer.disc)
+            # tree.map copies the Variables: nnx.state shares them with the modules the update mutates.
+            before = jax.tree.map(lambda v: v, nnx.state((trainer.disc, trainer.disc_optimizer)))
+            trainer.disc_optimizer.update(trainer.disc, d_grads)
+            after = nnx.state((trainer.disc, trainer.disc_optimizer))
+            nnx.update((trainer.disc, trainer.disc_optimizer), _gated(step >= disc_start, after, before))
+            metrics["disc_grad_norm"] = optax.tree.norm(d_grads)
         trainer.optimizer.update(trainer.model, grads)
 
         d = ema_decay_at(step, ema_decay)
@@ -38,10 +94,14 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, *, ema_decay: float
         ema = nnx.state(trainer.ema, nnx.Param)
         nnx.update(trainer.ema, jax.tree.map(lambda e, p: e + (1.0 - d) * (p - e), ema, params))
 
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        # A loss with several players reports its model's own objective as aux["loss"] (overriding the sum).
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics, **aux}
         return nnx.state(trainer), metrics
 
-    return train_step
+    def train_step_no_frozen(state: nnx.State, batch: Mapping[str, jax.Array], base_key: jax.Array):
+        return train_step(state, batch, base_key)
+
+    return train_step if frozen else train_step_no_frozen
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -49,12 +109,13 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
-def compile_train_step(train_step, state_shardings: nnx.State, mesh: jax.sharding.Mesh):
-    """jax.jit with explicit in/out shardings and the state donated."""
+def compile_train_step(train_step, state_shardings: nnx.State, mesh: jax.sharding.Mesh, *, frozen: bool = False):
+    """jax.jit with explicit in/out shardings and the state donated; `frozen`: a replicated 4th argument."""
     replicated = NamedSharding(mesh, PartitionSpec())
+    in_shardings = (state_shardings, batch_sharding(mesh), replicated) + ((replicated,) if frozen else ())
     return jax.jit(
         train_step,
-        in_shardings=(state_shardings, batch_sharding(mesh), replicated),
+        in_shardings=in_shardings,
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )

@@ -1,4 +1,4 @@
-"""Tests for klingjax.data.pipeline and data_pipelines.make_synthetic."""
+"""Tests for klingjax.data.pipeline (plain path; buckets: test_buckets.py) and data_pipelines.make_synthetic."""
 
 import functools
 import json
@@ -9,7 +9,8 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from data_pipelines.make_synthetic import shard_paths, write_synthetic_dataset
-from klingjax.data.pipeline import decode_video_record, make_dataset, num_decode_failures, stack_batch
+from klingjax.data.buckets import BucketSpec
+from klingjax.data.pipeline import VideoDecoder, decode_video_record, make_dataset, num_decode_failures, stack_batch
 from klingjax.data.records import encode_record, list_shards, make_video_record, write_shards
 from klingjax.data.synthetic import SyntheticSpec
 from klingjax.data.video_io import encode_mp4
@@ -48,6 +49,15 @@ def test_batches_and_determinism(index_shards):
     assert _ids(list(make(seed=1))) != _ids(batches)
 
 
+def test_any_random_access_source():
+    records = [encode_record({"i": i}) for i in range(NUM)]  # e.g. a Grain source over a TFDS split
+    ids = _ids(make_dataset([], source=records, decode=_index_decode, batch_size=4, seed=0, shuffle=True,
+                            num_epochs=1))
+    assert sorted(ids) == list(range(NUM)) and ids != list(range(NUM))  # all of them, shuffled
+    with pytest.raises(ValueError, match="no shard paths"):
+        make_dataset([], decode=_index_decode, batch_size=4, seed=0, shuffle=True, num_epochs=1)
+
+
 def test_epochs_reshuffle(index_shards):
     ids = _ids(make_dataset(index_shards, decode=_index_decode, batch_size=1, seed=0, shuffle=True, num_epochs=2))
     first, second = ids[:NUM], ids[NUM:]
@@ -80,21 +90,94 @@ def test_two_hosts_cover_epoch_once(index_shards):
 def test_corrupt_records_are_skipped_and_counted(tmp_path):
     frames = np.full((4, 8, 8, 3), 255, np.uint8)
     good = make_video_record(frames, codec="raw", caption="ok", fps=8, num_frames=4, height=8, width=8)
-    bad_mp4 = dict(good, codec="mp4", video=b"definitely not an mp4")
+    mp4 = encode_mp4(frames, 8)
+    as_mp4 = lambda video: dict(good, codec="mp4", video=video)
+    bad = [b"\xc1 not msgpack", encode_record(as_mp4(b"definitely not an mp4")), encode_record(as_mp4(b"")),
+           encode_record(as_mp4(mp4[: len(mp4) // 2])), encode_record(dict(good, video=frames[:2], num_frames=2)),
+           encode_record(dict(good, codec="gif"))]
     path = str(tmp_path / "v-00000-of-00001.array_record")
     writer = ArrayRecordWriter(path, "group_size:1")
-    for payload in (encode_record(good), b"\xc1 not msgpack", encode_record(good), encode_record(bad_mp4)):
+    for payload in bad[:1] + [encode_record(good)] + bad[1:] + [encode_record(good)]:
         writer.write(payload)
     writer.close()
     decode = functools.partial(decode_video_record, num_frames=4, height=8, width=8)
     it = iter(make_dataset([path], decode=decode, batch_size=1, seed=0, shuffle=False, num_epochs=1))
     batches = list(it)
     assert len(batches) == 2 and all(b["caption"][0] == "ok" for b in batches)
-    assert num_decode_failures(it) == 2
+    assert num_decode_failures(it) == len(bad)
     assert np.allclose(batches[0]["video"], 1.0)
     fresh = iter(make_dataset([path], decode=decode, batch_size=1, seed=0, shuffle=False, num_epochs=1))
     fresh.set_state(it.get_state())
-    assert num_decode_failures(fresh) == 2  # the count is part of the checkpointed state
+    assert num_decode_failures(fresh) == len(bad)  # the count is part of the checkpointed state
+
+
+def _tokenize(captions):
+    """A stand-in tokenizer: character codes, 8 per caption."""
+    ids = np.zeros((len(captions), 8), np.int32)
+    for row, c in enumerate(captions):
+        ids[row, : min(8, len(c))] = [ord(ch) for ch in c[:8]]
+    return ids, ids > 0
+
+
+@pytest.fixture(scope="module")
+def video_shards(tmp_path_factory):
+    """30 raw clips of 20 frames at 16 fps whose pixel values encode (clip, frame)."""
+    def record(i):
+        frames = np.zeros((20, 8, 12, 3), np.uint8)
+        frames[..., 0] = i
+        frames[..., 1] = np.arange(20)[:, None, None] * 10
+        return make_video_record(frames, codec="raw", caption=f"clip {i}", fps=16, num_frames=20, height=8,
+                                 width=12, meta={"id": i})
+    return write_shards((record(i) for i in range(30)), str(tmp_path_factory.mktemp("vid")), "v", 2)
+
+
+def test_video_decoder_caption_dropout_and_tokenize(video_shards):
+    decode = VideoDecoder(4, 8, 8, target_fps=8, random_start=True, random_crop=True)  # stride 2
+    make = functools.partial(make_dataset, video_shards, decode=decode, batch_size=5, shuffle=True, num_epochs=None,
+                             caption_dropout=0.5, tokenize=_tokenize)
+    it = iter(make(seed=0))
+    batches = _take(it, 12)  # two epochs
+    frames = np.concatenate([np.round((b["video"][:, :, 4, 4, 1] + 1) * 127.5 / 10) for b in batches])  # (60, 4)
+    assert np.all(np.diff(frames, axis=1) == 2)  # every other source frame
+    starts = frames[:, 0]
+    assert starts.min() >= 0 and starts.max() <= 13 and len(set(starts.tolist())) > 5  # random windows
+    captions = [c for b in batches for c in b["caption"]]
+    assert 0.3 < captions.count("") / len(captions) < 0.7
+    assert {c for c in captions if c} <= {f"clip {i}" for i in range(30)}
+    b = batches[0]
+    assert b["text_ids"].shape == (5, 8) and np.array_equal(b["text_ids"], _tokenize(list(b["caption"]))[0])
+    again = _take(iter(make(seed=0)), 12)
+    assert all(np.array_equal(x["video"], y["video"]) and list(x["caption"]) == list(y["caption"])
+               for x, y in zip(batches, again))
+    other = _take(iter(make(seed=1)), 2)
+    assert not np.array_equal(other[0]["video"], batches[0]["video"])
+    state = json.loads(json.dumps(it.get_state()))
+    expected = _take(it, 4)
+    restored = iter(make(seed=0))
+    restored.set_state(state)
+    assert all(np.array_equal(x["video"], y["video"]) for x, y in zip(expected, _take(restored, 4)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_resume_with_two_workers(video_shards, bucketed):
+    """mp_prefetch with 2 worker processes: the restored iterator continues with exactly the remaining batches."""
+    spec = BucketSpec(bases=(16,), durations=(1, 5, 9), image_prob=0.3) if bucketed else None
+    ds = make_dataset(video_shards, decode=VideoDecoder(4, 8, 8, random_start=True), batch_size=3, seed=2,
+                      shuffle=True, num_epochs=None, worker_count=2, buckets=spec, caption_dropout=0.2,
+                      tokenize=_tokenize)
+    it = iter(ds)
+    _take(it, 5)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = _take(it, 12)
+    restored = iter(ds)
+    restored.set_state(state)
+    got = _take(restored, 12)
+    assert [b["video"].shape for b in got] == [b["video"].shape for b in expected]
+    assert all(np.array_equal(x["video"], y["video"]) and list(x["caption"]) == list(y["caption"])
+               for x, y in zip(expected, got))
+    if bucketed:
+        assert {b["video"].shape[1] for b in expected} == {1, 9}  # images and videos, never mixed in one batch
 
 
 def test_decode_video_record_raw_mp4_crop_resize():

@@ -10,7 +10,7 @@ import pytest
 
 from klingjax.export import dit_map, vae_map
 from klingjax.export.param_map import Layout, Rule, expand, from_torch, param_shapes, to_torch, torch_shape
-from klingjax.models.dit import dit_config
+from klingjax.models.dit import AttentionLayout, TextAttention, dit_config
 from klingjax.models.vae import VAE_VARIANTS
 
 GOLDEN = json.load(open(os.path.join(os.path.dirname(__file__), "diffusers_state_dict_shapes.json")))
@@ -73,6 +73,10 @@ def test_configs_translate_both_ways():
 @pytest.mark.parametrize("change, match", [
     (lambda: dit_map.dit_to_diffusers_config(dataclasses.replace(DIT, qk_norm=False)), "QK RMSNorm"),
     (lambda: dit_map.dit_to_diffusers_config(dataclasses.replace(DIT, rope_theta=5e5)), "theta"),
+    (lambda: dit_map.dit_to_diffusers_config(dataclasses.replace(DIT, attention_layout=AttentionLayout.FACTORIZED)),
+     "attention_layout=factorized"),
+    (lambda: dit_map.dit_to_diffusers_config(dataclasses.replace(DIT, text_attention=TextAttention.JOINT)),
+     "text_attention=joint"),
     (lambda: dit_map.dit_from_diffusers_config({"image_dim": 1280}), "image-conditioned"),
     (lambda: vae_map.vae_to_diffusers_config(dataclasses.replace(VAE, temporal_downsample=(True,) * 3)), "chunks of 4"),
     (lambda: vae_map.vae_from_diffusers_config({"is_residual": True}), "Wan 2.1 VAE layout"),

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from klingjax.models.layers.attention import WanAttention
+from klingjax.models.layers.attention import WanAttention, attention
 from klingjax.models.layers.embeddings import PatchEmbed, patchify, timestep_embedding, unpatchify
 from klingjax.models.layers.norms import LayerNorm, RMSNorm
 from klingjax.models.layers.rope import apply_rope, rope_3d, rope_axis_dims
@@ -125,3 +125,16 @@ def test_cross_attention_ignores_masked_keys():
     a, b = run(x, ctx)
     np.testing.assert_allclose(a[0], b[0], atol=1e-5)  # padded keys of sample 0 are ignored
     assert not np.allclose(a[1], b[1], atol=1e-3)  # sample 1 attends to all keys
+
+
+def test_key_lengths_equal_right_padded_mask():
+    """The cuDNN branch passes key lengths instead of a mask; for right-padded masks the two must agree."""
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (2, 6, 2, 8))  # (B, N, H, K)
+    k = jax.random.normal(kk, (2, 5, 2, 8))  # (B, L, H, K)
+    v = jax.random.normal(kv, (2, 5, 2, 8))
+    mask = jnp.arange(5)[None, :] < jnp.array([[3], [5]])  # (B, L) right-padded
+    lengths = mask.astype(jnp.int32).sum(-1)
+    by_len = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="xla")
+    np.testing.assert_allclose(by_len, attention(q, k, v, mask), atol=1e-6)
+    assert not np.allclose(attention(q, k, v, mask), attention(q, k, v, None), atol=1e-3)

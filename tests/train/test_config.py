@@ -37,6 +37,15 @@ def test_unknown_key_names_the_key():
         (("dit", "steps"), "many", r"'dit\.steps': expected int"),
         (("stages",), ["data", "train"], r"'stages'.*unknown stage"),
         (("vae", "mse_weight"), -1.0, r"'vae\.mse_weight': must be >= 0"),
+        (("vae", "lpips_weight"), -0.1, r"'vae\.lpips_weight': must be >= 0"),
+        (("vae", "disc_weight"), -1.0, r"'vae\.disc_weight': must be >= 0"),
+        (("vae", "disc_start"), -5, r"'vae\.disc_start': must be >= 0"),
+        (("vae", "lpips_net"), "squeeze", r"'vae\.lpips_net'.*not one of \['alex', 'vgg'\]"),
+        (("vae", "lpips_frames"), 10, r"'vae\.lpips_frames': 10 is more than the 9 frames"),
+        (("vae", "disc_layers"), 0, r"'vae\.disc_layers': must be >= 1"),
+        (("dit", "lpips_weight"), 0.1, r"'dit\.lpips_weight': only the vae stage"),
+        (("dit", "disc_weight"), 0.5, r"'dit\.disc_weight': only the vae stage"),
+        (("dit", "lpips_net"), "vgg", r"'dit\.lpips_net': only the vae stage"),
     ],
 )
 def test_bad_values_name_the_key(path, value, pattern):
@@ -46,6 +55,25 @@ def test_bad_values_name_the_key(path, value, pattern):
         node = node[k]
     node[path[-1]] = value
     with pytest.raises(ConfigError, match=pattern):
+        to_experiment(c)
+
+
+def test_vae_loss_keys_validate_and_must_fit_the_clips():
+    from klingjax.train.vae_losses import LPIPSNet
+
+    c = demo.get_config("runlocal")
+    c.vae.lpips_weight, c.vae.lpips_net, c.vae.disc_weight, c.vae.disc_start = 0.1, "vgg", 0.5, 100
+    exp = to_experiment(c)
+    assert exp.vae.lpips_net is LPIPSNet.VGG and exp.vae.disc_start == 100 and exp.dit.disc_weight == 0.0
+    c.vae.lpips_net = "alex"
+    c.data.height = c.data.width = 24  # AlexNet's pooling stack needs >= 31 px
+    with pytest.raises(ConfigError, match=r"'vae\.lpips_net': alex LPIPS needs frames of at least 31px"):
+        to_experiment(c)
+    c.vae.lpips_weight = 0.0
+    c.vae.disc_layers = 3  # 24 -> 12 -> 6 -> 3 -> 2 -> 1: fits; a 4th strided layer leaves nothing
+    to_experiment(c)
+    c.vae.disc_layers = 4
+    with pytest.raises(ConfigError, match=r"'vae\.disc_layers': 4 strided layers leave no patch"):
         to_experiment(c)
 
 

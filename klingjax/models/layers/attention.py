@@ -9,6 +9,7 @@ Kernels are (in, out), so a torch `Linear.weight` maps to `kernel.T`.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -17,6 +18,8 @@ from flax import nnx
 
 from klingjax.models.layers.norms import RMSNorm, logical
 from klingjax.models.layers.rope import apply_rope
+from klingjax.sharding.context_parallel import ContextParallel, context_parallel_attention, context_parallel_enabled
+from klingjax.sharding.rules import current_rules
 
 # ---------------------------------------------------------------------------------------------------------
 # Init choices
@@ -71,7 +74,14 @@ class AttentionImpl(enum.Enum):
 def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array | None = None, impl: AttentionImpl = AttentionImpl.XLA
 ) -> jax.Array:
-    """Softmax attention on (B, N, H, K) queries and (B, L, H, K) keys/values; kv_mask (B, L) True = attend."""
+    """Softmax attention on (B, N, H, K) queries and (B, L, H, K) keys/values; kv_mask (B, L) True = attend.
+
+    With cuDNN the mask must be right-padded (text masks are): cuDNN takes per-example key lengths, not a
+    broadcast (B, 1, 1, L) mask, which it would reject as a bias of the wrong length.
+    """
+    if kv_mask is not None and impl is AttentionImpl.CUDNN:
+        lengths = kv_mask.astype(jnp.int32).sum(-1)  # (B,) real keys
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
     mask = None if kv_mask is None else kv_mask[:, None, None, :].astype(bool)  # (B, 1, 1, L)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl.value)  # (B, N, H, K)
 
@@ -80,7 +90,9 @@ class WanAttention(nnx.Module):
     """Multi-head attention with QK RMSNorm across all heads and optional 3D RoPE (diffusers `WanAttention`).
 
     Self-attention when `context` is None; cross-attention to `context` (B, L, D) otherwise. `to_out` is a
-    one-element list so parameter paths read `to_out.0` like diffusers.
+    one-element list so parameter paths read `to_out.0` like diffusers. Under a mesh whose "context" axis
+    splits the tokens (act_length -> "context"), self-attention runs the `context_parallel` strategy; cross-
+    attention needs none (each query shard attends to the replicated text).
     """
 
     def __init__(
@@ -91,6 +103,7 @@ class WanAttention(nnx.Module):
         qk_norm: bool = True,
         eps: float = 1e-6,
         impl: AttentionImpl = AttentionImpl.XLA,
+        context_parallel: ContextParallel = ContextParallel.ALL_TO_ALL,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -99,6 +112,7 @@ class WanAttention(nnx.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.impl = impl
+        self.context_parallel = context_parallel
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.to_q = dense(dim, dim, ("embed", "heads"), **kw)
         self.to_k = dense(dim, dim, ("embed", "heads"), **kw)
@@ -127,5 +141,11 @@ class WanAttention(nnx.Module):
         v = v.reshape(b, v.shape[1], nh, d // nh)  # (B, L, H, K)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, kv_mask, self.impl).reshape(b, n, d)  # (B, N, D)
+        mesh, rules = jax.sharding.get_abstract_mesh(), current_rules()
+        if context is None and context_parallel_enabled(mesh, rules):
+            local = functools.partial(attention, impl=self.impl)
+            out = context_parallel_attention(q, k, v, kv_mask, strategy=self.context_parallel, attn_fn=local)
+        else:
+            out = attention(q, k, v, kv_mask, self.impl)  # (B, N, H, K)
+        out = out.reshape(b, n, d)  # (B, N, D)
         return self.to_out[0](out)

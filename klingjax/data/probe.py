@@ -1,0 +1,418 @@
+"""Local video-text inputs: list captioned files (folder + sidecars, CSV, JSONL), validate and cut clips (PyAV).
+
+    list_inputs(source)   folder (video.mp4 + video.txt), captions.csv or captions.jsonl -> [ClipInput]
+    load_clip(path, ...)  fully decode (validate) -> Clip: mp4 bytes (stream copy, or re-encoded when cut,
+                          resized or not mp4-compatible) + frame count, fps, size, duration
+
+Problems with one input never raise out of `list_inputs`: they land in `ClipInput.error`. `load_clip`
+raises `ClipError` with a readable reason (empty, unreadable, corrupt, truncated, too short, bad range).
+Used by `data_pipelines/convert_videos.py` and the TFDS builder in `klingjax/data/tfds_video_text.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from klingjax.data.records import make_video_record
+from klingjax.data.video_io import default_codec
+
+VIDEO_EXTENSIONS = frozenset(
+    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp", ".gif"})
+MP4_COPY_CODECS = frozenset({"h264", "hevc", "mpeg4", "av1", "vp9"})  # stored as-is inside an mp4 container
+
+# ---------------------------------------------------------------------------------------------------
+# Captioned inputs
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipInput:
+    """One input row: `name` as listed (relative path), absolute `path`, caption, optional [start, end) seconds."""
+
+    index: int
+    name: str
+    path: str
+    caption: str | None = None
+    start: float | None = None
+    end: float | None = None
+    error: str | None = None  # set when the row is unusable before any decoding
+    size: int | None = None  # file size and mtime: a changed source invalidates converted shards
+    mtime_ns: int | None = None
+
+    def key(self) -> list:
+        """Everything that determines this input's converted record (JSON-serialisable)."""
+        return [self.index, self.name, self.caption, self.start, self.end, self.error, self.size, self.mtime_ns]
+
+
+def _caption_error(caption) -> str | None:
+    if caption is None:
+        return "no caption"
+    if not isinstance(caption, str):
+        return f"caption must be a string, got {type(caption).__name__}"
+    if any("\udc80" <= ch <= "\udcff" for ch in caption):  # surrogateescape'd bytes: not UTF-8
+        return "caption is not valid UTF-8"
+    if not caption.strip():
+        return "empty caption"
+    return None
+
+
+def _seconds(value, what: str) -> float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number of seconds, got {value!r}")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number of seconds, got {value!r}") from None
+    if not np.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    return seconds
+
+
+def _row(index: int, root: str, name, caption, start=None, end=None, *, where: str = "",
+         error: str | None = None) -> ClipInput:
+    """A ClipInput from raw row values, with `error` or else the first problem found in them."""
+    if not isinstance(name, str) or not name.strip():
+        return ClipInput(index, where or str(name), "", error=error or "row has no path")
+    path = os.path.normpath(os.path.join(root, name))  # absolute names stay absolute
+    try:
+        start, end = _seconds(start, "start"), _seconds(end, "end")
+    except ValueError as e:
+        return ClipInput(index, name, path, error=error or str(e))
+    error = error or _caption_error(caption)
+    if error is None and start is not None and end is not None and end <= start:
+        error = f"end ({end:g} s) must be after start ({start:g} s)"
+    caption = caption.strip() if error is None else None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ClipInput(index, name, path, caption, start, end, error=error or "file not found")
+    if error is None and not os.path.isfile(path):
+        error = "not a regular file"
+    return ClipInput(index, name, path, caption, start, end, error, st.st_size, st.st_mtime_ns)
+
+
+def _read_sidecar(video_path: str) -> tuple[str | None, str | None]:
+    """(caption, None) from VIDEO.txt next to the video, or (None, reason)."""
+    txt = os.path.splitext(video_path)[0] + ".txt"
+    name = os.path.basename(txt)
+    try:
+        with open(txt, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None, f"no caption file {name}"
+    try:
+        caption = raw.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as e:
+        return None, f"caption file {name} is not valid UTF-8 ({e.reason} at byte {e.start})"
+    return (caption, None) if caption else (None, f"caption file {name} is empty")
+
+
+def _from_folder(root: str, exclude: str | None) -> list[ClipInput]:
+    skip = os.path.realpath(exclude) if exclude else None
+    names = []
+    for d, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(s for s in subdirs
+                            if not s.startswith(".") and os.path.realpath(os.path.join(d, s)) != skip)
+        names += [os.path.relpath(os.path.join(d, f), root) for f in files
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() != ".txt"]
+    inputs = []
+    for i, name in enumerate(sorted(names)):
+        ext = os.path.splitext(name)[1].lower()
+        if ext not in VIDEO_EXTENSIONS:
+            inputs.append(_row(i, root, name, None, error=f"not a video file (extension {ext!r})"))
+            continue
+        caption, error = _read_sidecar(os.path.join(root, name))
+        inputs.append(_row(i, root, name, caption, error=error))
+    return inputs
+
+
+def _from_csv(path: str) -> list[ClipInput]:
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8-sig", errors="surrogateescape")  # bad bytes fail only their own row
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = {"path", "caption"} - set(reader.fieldnames or ())
+    if missing:
+        raise ValueError(f"{path}: captions CSV needs a header with columns path, caption[, start, end]; "
+                         f"missing {sorted(missing)} in {reader.fieldnames}")
+    root = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    return [_row(i, root, r["path"], r["caption"], r.get("start"), r.get("end"), where=f"{name}:{reader.line_num}")
+            for i, r in enumerate(reader)]
+
+
+def _from_jsonl(path: str) -> list[ClipInput]:
+    root = os.path.dirname(os.path.abspath(path))
+    with open(path, "rb") as f:
+        lines = [(n, line) for n, line in enumerate(f.read().split(b"\n"), start=1) if line.strip()]
+    inputs = []
+    for i, (n, line) in enumerate(lines):
+        where = f"{os.path.basename(path)}:{n}"
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            inputs.append(ClipInput(i, where, "", error=f"line {n} is not valid UTF-8"))
+            continue
+        except json.JSONDecodeError as e:
+            inputs.append(ClipInput(i, where, "", error=f"line {n} is not valid JSON: {e.msg}"))
+            continue
+        if not isinstance(row, dict):
+            inputs.append(ClipInput(i, where, "", error=f"line {n} is a JSON {type(row).__name__}, not an object"))
+            continue
+        inputs.append(_row(i, root, row.get("path"), row.get("caption"), row.get("start"), row.get("end"),
+                           where=where))
+    return inputs
+
+
+def list_inputs(source: str, *, exclude: str | None = None) -> list[ClipInput]:
+    """Inputs of a folder (videos + sidecar .txt captions), a captions .csv or a .jsonl, in a fixed order.
+
+    CSV/JSONL rows carry `path` (relative to the captions file's folder, or absolute), `caption` and
+    optionally `start`/`end` in seconds. A folder is walked recursively (hidden entries and `exclude`
+    skipped); every non-.txt file is an input, and non-video extensions come back with an error.
+    """
+    if os.path.isdir(source):
+        return _from_folder(source, exclude)
+    ext = os.path.splitext(source)[1].lower()
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"input {source!r} does not exist")
+    if ext == ".csv":
+        return _from_csv(source)
+    if ext == ".jsonl":
+        return _from_jsonl(source)
+    raise ValueError(f"input {source!r} must be a folder, a .csv or a .jsonl captions file")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Clips
+# ---------------------------------------------------------------------------------------------------
+
+
+class ClipError(ValueError):
+    """A video that cannot become a training clip; the message is the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    """An encoded mp4 clip plus what decoding it showed; `source_*` describe the input file."""
+
+    data: bytes
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+    reencoded: bool
+    source_frames: int | None  # None when the clip was cut before the source's end (not decoded that far)
+    source_height: int
+    source_width: int
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / self.fps
+
+    def to_record(self, caption: str, meta: dict | None = None) -> dict:
+        """A klingjax video record (codec "mp4") for this clip; `meta` gets duration and source fields."""
+        meta = {**(meta or {}), "duration": self.duration, "reencoded": self.reencoded,
+                "source_frames": self.source_frames, "source_height": self.source_height,
+                "source_width": self.source_width}
+        return make_video_record(self.data, codec="mp4", caption=caption, fps=self.fps, num_frames=self.num_frames,
+                                 height=self.height, width=self.width, meta=meta)
+
+
+def target_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
+    """(height, width) scaled down so the longer side is <= max_side, both even; unchanged if already small."""
+    if not max_side or max(height, width) <= max_side:
+        return height, width
+    if max_side < 2:
+        raise ValueError(f"max_side must be >= 2, got {max_side}")
+    long = max_side - max_side % 2
+    short = max(2, 2 * round(min(height, width) * long / max(height, width) / 2))
+    return (long, short) if height >= width else (short, long)
+
+
+class _Mp4Writer:
+    """Streaming RGB frames -> mp4 bytes with `encode_mp4`'s settings (libx264 crf 18 / mpeg4, yuv420p)."""
+
+    def __init__(self, rate: Fraction, height: int, width: int, crf: int = 18):
+        self._buffer = io.BytesIO()
+        self._container = av.open(self._buffer, mode="w", format="mp4")
+        codec = default_codec()
+        self._stream = self._container.add_stream(codec, rate=rate)
+        self._stream.height, self._stream.width = height + height % 2, width + width % 2  # yuv420p: even sizes
+        self._stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            self._stream.options = {"crf": str(crf), "preset": "veryfast"}
+        else:
+            self._stream.bit_rate = 8_000_000
+        self.count = 0
+
+    def write(self, rgb: np.ndarray) -> None:
+        pad_h, pad_w = rgb.shape[0] % 2, rgb.shape[1] % 2
+        if pad_h or pad_w:
+            rgb = np.pad(rgb, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")  # (H', W', 3)
+        for packet in self._stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+            self._container.mux(packet)
+        self.count += 1
+
+    def finish(self) -> bytes:
+        for packet in self._stream.encode():  # flush delayed frames
+            self._container.mux(packet)
+        self._container.close()
+        return self._buffer.getvalue()
+
+
+def _decode_error(count: int, e: Exception) -> ClipError:
+    return ClipError(f"corrupt or truncated video: decoding failed after {count} frames ({e})")
+
+
+def _check_complete(count: int, header_frames: int) -> None:
+    if count == 0:
+        raise ClipError("video has no decodable frames")
+    if header_frames and count < header_frames:
+        raise ClipError(f"truncated video: decoded {count} of the {header_frames} frames its header lists")
+
+
+class _MuxError(Exception):
+    """The stream copy into mp4 failed (the codec does not fit the container): re-encode instead."""
+
+
+def _copy(container, stream) -> tuple[bytes, int]:
+    """Remux the video stream alone into mp4 while decoding every packet; returns (bytes, frames)."""
+    buffer, count = io.BytesIO(), 0
+    try:
+        out = av.open(buffer, mode="w", format="mp4")
+        out_stream = out.add_stream_from_template(stream)
+    except (av.error.FFmpegError, ValueError) as e:
+        raise _MuxError(e) from e
+    try:
+        for packet in container.demux(stream):
+            try:
+                count += len(packet.decode())  # the final empty packet flushes the decoder
+            except av.error.FFmpegError as e:
+                raise _decode_error(count, e) from e
+            if packet.dts is not None:
+                packet.stream = out_stream
+                try:
+                    out.mux(packet)
+                except av.error.FFmpegError as e:
+                    raise _MuxError(e) from e
+    finally:
+        try:
+            out.close()
+        except av.error.FFmpegError as e:
+            raise _MuxError(e) from e
+    _check_complete(count, stream.frames)
+    data = buffer.getvalue()
+    with av.open(io.BytesIO(data), mode="r") as check:  # the copy must list every frame it holds
+        if check.streams.video[0].frames not in (0, count):
+            raise _MuxError(f"the copy lists {check.streams.video[0].frames} frames, decoded {count}")
+    return data, count
+
+
+def _transcode(container, stream, rate: Fraction, size: tuple[int, int], start: float | None,
+               end: float | None) -> tuple[bytes, int, int | None]:
+    """Decode, keep frames timed in [start, end), resize and re-encode -> (bytes, frames, source frames or None)."""
+    fps, base = float(rate), stream.time_base
+    half = 0.5 / fps  # a frame belongs to the clip when its timestamp is within half a frame of the range
+    lo, hi = (start or 0.0) - half, (end - half if end is not None else np.inf)
+    writer = _Mp4Writer(rate, *size)
+    count, origin, last_t, reached_end = 0, stream.start_time, -np.inf, False
+    try:
+        for frame in container.decode(stream):
+            if frame.pts is not None and base is not None:
+                origin = frame.pts if origin is None else origin
+                t = float((frame.pts - origin) * base)
+            else:
+                t = count / fps
+            count, last_t = count + 1, max(last_t, t)
+            if t >= hi:
+                reached_end = True
+                break
+            if t >= lo:
+                writer.write(frame.to_ndarray(height=size[0], width=size[1], format="rgb24",
+                                              interpolation="AREA"))  # (H, W, 3)
+    except av.error.FFmpegError as e:
+        raise _decode_error(count, e) from e
+    if not reached_end:
+        _check_complete(count, stream.frames)
+        seen = last_t + 1.0 / fps  # the decoded length of the video
+        if start is not None and start >= seen - half:
+            raise ClipError(f"start {start:g} s is at or past the end of the video ({seen:.3f} s)")
+        if end is not None and end > seen + half:
+            raise ClipError(f"end {end:g} s is past the end of the video ({seen:.3f} s)")
+    if writer.count == 0:
+        raise ClipError(f"no frames between start {start} s and end {end} s")
+    return writer.finish(), writer.count, None if reached_end else count
+
+
+def _open_video(path: str):
+    """(container, first video stream, frame rate, height, width) of a file, or ClipError with the reason."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise ClipError(f"cannot read file: {e.strerror}") from e
+    if size == 0:
+        raise ClipError("empty file (0 bytes)")
+    try:
+        container = av.open(path, mode="r")
+    except (av.error.FFmpegError, UnicodeDecodeError) as e:
+        raise ClipError(f"not a readable video file: {getattr(e, 'strerror', None) or e}") from e
+    if not container.streams.video:
+        container.close()
+        raise ClipError("no video stream (not a video, or truncated)")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    rate = stream.average_rate or stream.guessed_rate
+    height, width = stream.codec_context.height, stream.codec_context.width
+    if not rate or rate <= 0 or height < 1 or width < 1:
+        container.close()
+        raise ClipError(f"video stream has no usable frame rate / size ({rate} fps, {height}x{width})")
+    return container, stream, Fraction(rate).limit_denominator(1001), height, width
+
+
+def load_clip(path: str, *, start: float | None = None, end: float | None = None, max_side: int | None = None,
+              reencode: bool = False, min_frames: int = 1) -> Clip:
+    """Validate `path` by decoding it (up to `end`) and return it as an mp4 Clip; raises ClipError with the reason.
+
+    The video stream is copied as-is (audio dropped) unless the clip is cut (`start`/`end`, seconds),
+    downscaled to `max_side`, `reencode` is set, or its codec does not fit mp4; then it is re-encoded.
+    """
+    container, stream, rate, height, width = _open_video(path)
+    out_size = target_size(height, width, max_side)
+    cut = start is not None or end is not None
+    copy = not (reencode or cut or out_size != (height, width)) and stream.codec_context.name in MP4_COPY_CODECS
+    result = None
+    with container:
+        if copy:
+            try:
+                data, frames = _copy(container, stream)
+                result = data, frames, frames
+            except _MuxError:
+                copy = False
+    if result is None:
+        container, stream, *_ = _open_video(path)
+        with container:
+            result = _transcode(container, stream, rate, out_size, start, end)
+    data, frames, source_frames = result
+    if frames < min_frames:
+        raise ClipError(f"clip has {frames} frames, fewer than min_frames={min_frames}")
+    return Clip(data, frames, float(rate), out_size[0], out_size[1], not copy, source_frames, height, width)
+
+
+def input_record(item: ClipInput, *, max_side: int | None = None, min_frames: int = 1,
+                 reencode: bool = False) -> tuple[dict, Clip]:
+    """(klingjax video record, Clip) for one listed input; raises ClipError with the reason it cannot be used."""
+    if item.error is not None:
+        raise ClipError(item.error)
+    clip = load_clip(item.path, start=item.start, end=item.end, max_side=max_side, reencode=reencode,
+                     min_frames=min_frames)
+    return clip.to_record(item.caption, {"source": item.name, "start": item.start, "end": item.end}), clip

@@ -1,0 +1,205 @@
+"""`klingjax-train --dry_run`: compile the DiT stage's train step for the configured mesh and print its memory.
+
+    klingjax-train --config experiments/t2v_recipe.py --config.dit.variant=14B --dry_run --workdir /tmp/x
+    # Plan a larger mesh from one CPU host (param/optimizer bytes are exact; XLA:CPU's temp bytes are indicative):
+    XLA_FLAGS=--xla_force_host_platform_device_count=64 JAX_PLATFORMS=cpu klingjax-train ... --dry_run
+
+Nothing is allocated for the model, and no data, VAE, text encoder or checkpoint is read or written. The trainer
+(model + optimiser state + EMA) is built with `nnx.eval_shape` from the DiT stage's own `make_model` and
+optimiser, shardings come from the stage's rule preset, and the loop's own train step is lowered with
+ShapeDtypeStruct inputs of the configured batch: latents (B, t, h, w, c) from the VAE config's `latent_shape`,
+text (B, text_max_len, text_dim) at the DiT config's text_dim (a real run takes it from the text encoder).
+Bad config values raise `ConfigError` naming the key before anything is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from klingjax.config import ConfigError, ExperimentConfig
+from klingjax.models.dit import DIT_VARIANTS, DiTConfig, dit_config
+from klingjax.sharding.mesh import make_mesh, resolve_mesh_shape
+from klingjax.sharding.rules import DIT_RULES, MESH_AXES, get_rules
+from klingjax.train import stages
+from klingjax.train.checkpoint import abstract_with_shardings
+from klingjax.train.optim import make_optimizer
+from klingjax.train.state import Trainer, param_count, state_shardings
+from klingjax.train.step import batch_sharding, compile_train_step, make_train_step
+
+# Set by the stage from the VAE and the text encoder; the dry run cannot take them as DiT overrides.
+_TIED_FIELDS = ("in_channels", "out_channels", "text_dim")
+_MEMORY_FIELDS = ("argument", "output", "temp", "alias", "generated_code")
+_PART_ORDER = ("model", "optimizer", "ema")
+
+
+@dataclasses.dataclass(frozen=True)
+class DryRunReport:
+    """What one dry run measured; `*_per_device` and `memory` are bytes on one device."""
+
+    experiment: str
+    variant: str
+    model: DiTConfig
+    mesh: dict[str, int]
+    platform: str
+    batch: dict[str, tuple[tuple[int, ...], str]]  # array key -> (global shape, dtype)
+    tokens_per_clip: int
+    param_count: int
+    state_total: dict[str, int]  # model / optimizer / ema bytes over the whole mesh
+    state_per_device: dict[str, int]  # the same, the shards one device holds
+    memory: dict[str, int]  # compiled.memory_analysis(): argument / output / temp / alias / generated_code
+    lower_seconds: float
+    compile_seconds: float
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation (before anything is traced)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_dit_stage(exp: ExperimentConfig, num_devices: int) -> tuple[DiTConfig, tuple[int, int, int, int]]:
+    """The DiT variant + overrides and one clip's latent grid (t, h, w, c); ConfigError names a bad key."""
+    cfg = exp.dit
+    if cfg.variant not in DIT_VARIANTS:
+        raise ConfigError(f"config key 'dit.variant': unknown {cfg.variant!r}; choose from {sorted(DIT_VARIANTS)}")
+    for key in _TIED_FIELDS:
+        if key in cfg.model_overrides:
+            raise ConfigError(f"config key 'dit.model_overrides.{key}': set by the stage (VAE z_dim / text encoder)")
+    try:
+        model = dit_config(cfg.variant, **cfg.model_overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key 'dit.model_overrides': {e}") from None
+    if cfg.sharding not in DIT_RULES:
+        raise ConfigError(f"config key 'dit.sharding': unknown preset {cfg.sharding!r}; "
+                          f"choose from {sorted(DIT_RULES)}")
+    try:
+        sizes = dict(zip(MESH_AXES, resolve_mesh_shape(exp.mesh.sizes, num_devices)))
+    except ValueError as e:
+        raise ConfigError(f"config key 'mesh': {e}") from None
+    if cfg.batch_size % (sizes["data"] * sizes["fsdp"]):
+        raise ConfigError(f"config key 'dit.batch_size': {cfg.batch_size} is not divisible by the data x fsdp mesh "
+                          f"size {sizes['data'] * sizes['fsdp']}")
+    if exp.text_max_len < 1:
+        raise ConfigError(f"config key 'text_max_len': must be >= 1, got {exp.text_max_len}")
+    try:
+        grid = stages.latent_grid(exp)  # (t, h, w, c)
+    except (TypeError, ValueError) as e:  # vae.variant errors already name their key
+        msg = str(e) if str(e).startswith("config key") else f"config key 'vae.model_overrides': {e}"
+        raise ConfigError(msg) from None
+    for key, size, patch in zip(("data.num_frames", "data.height", "data.width"), grid[:3], model.patch_size):
+        if size < patch or size % patch:
+            raise ConfigError(f"config key '{key}': the latent grid {grid[:3]} is not divisible by the DiT patch "
+                              f"{model.patch_size} (axis {key.split('.')[1]} has {size} latents)")
+    return model, grid
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Abstract state, bytes and compile
+# ---------------------------------------------------------------------------------------------------------
+
+
+def state_bytes(abstract: nnx.State) -> tuple[dict[str, int], dict[str, int]]:
+    """(total, per-device) bytes of each top-level part of an abstract state whose leaves carry shardings."""
+    total, per_device = {}, {}
+    for part in [p for p in _PART_ORDER if p in abstract] + sorted(p for p in abstract if p not in _PART_ORDER):
+        leaves = jax.tree.leaves(abstract[part])
+        total[part] = sum(math.prod(a.shape) * a.dtype.itemsize for a in leaves)
+        per_device[part] = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in leaves)
+    return total, per_device
+
+
+def _memory(compiled) -> dict[str, int]:
+    stats = compiled.memory_analysis()
+    return {} if stats is None else {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in _MEMORY_FIELDS}
+
+
+def dry_run(exp: ExperimentConfig, devices: list[jax.Device] | None = None) -> DryRunReport:
+    """Build the DiT stage abstractly on the configured mesh, lower and compile its train step, measure it."""
+    devices = list(devices) if devices is not None else jax.devices()
+    text_dim = check_dit_stage(exp, len(devices))[0].text_dim
+    model_cfg, grid = stages.dit_model_config(exp, text_dim), stages.latent_grid(exp)  # what the stage builds
+    mesh = make_mesh(exp.mesh.sizes, devices)
+    rules = get_rules(exp.dit.sharding, "dit")
+    seq, b = exp.text_max_len, exp.dit.batch_size
+    # The empty-prompt embedding only feeds caption dropout inside the loss: its values don't matter here.
+    null_text = (np.zeros((seq, text_dim), np.float32), np.zeros((seq,), bool))
+    spec = stages.dit_stage(exp, workdir="", null_text=null_text)  # make_model, loss_fn; its dataset is never built
+
+    # The loop's trainer, shape only (state.create_trainer also materialises it, which is what we avoid).
+    tx = make_optimizer(exp.dit.optim, exp.dit.steps)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Trainer(spec.make_model(nnx.Rngs(exp.seed)), tx)))
+    shardings = state_shardings(abstract, mesh, rules)
+    state = abstract_with_shardings(abstract, shardings)
+    shapes = {"latent": ((b, *grid), jnp.float32), "text": ((b, seq, text_dim), jnp.float32),
+              "text_mask": ((b, seq), jnp.bool_)}
+    if missing := sorted(set(spec.array_keys) - set(shapes)):
+        raise NotImplementedError(f"dry run: no shape for the DiT stage's batch entries {missing}")
+    batch = {k: jax.ShapeDtypeStruct(*shapes[k], sharding=batch_sharding(mesh)) for k in spec.array_keys}
+    key = jax.eval_shape(lambda: jax.random.key(exp.seed))
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        train_step = make_train_step(graphdef, spec.loss_fn, ema_decay=exp.dit.optim.ema_decay,
+                                     context=spec.loss_context)
+        t0 = time.perf_counter()
+        lowered = compile_train_step(train_step, shardings, mesh).lower(state, batch, key)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+
+    total, per_device = state_bytes(state)
+    t, h, w = (s // p for s, p in zip(grid[:3], model_cfg.patch_size))
+    return DryRunReport(
+        experiment=exp.name, variant=exp.dit.variant, model=model_cfg,
+        mesh=dict(mesh.shape), platform=devices[0].platform,
+        batch={k: (v.shape, str(v.dtype)) for k, v in batch.items()}, tokens_per_clip=t * h * w,
+        param_count=param_count(abstract), state_total=total, state_per_device=per_device, memory=_memory(compiled),
+        lower_seconds=t1 - t0, compile_seconds=t2 - t1,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes in binary units, e.g. '26.62 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_report(r: DryRunReport) -> str:
+    """The dry run as printable lines."""
+    m: Any = r.model
+    parts = " + ".join(f"{k} {fmt_bytes(v)}" for k, v in r.state_per_device.items())
+    mem = r.memory
+    lines = [
+        f"dry run: stage dit of {r.experiment!r}, DiT {r.variant} (dim {m.dim}, {m.num_layers} layers, "
+        f"{m.num_heads} heads; {m.attention_layout.value} attention, {m.text_attention.value} text; "
+        f"remat {m.remat.value}; {'scan' if m.scan_layers else 'loop'}; compute {jnp.dtype(m.dtype).name})",
+        f"mesh: {' '.join(f'{k}={v}' for k, v in r.mesh.items())} ({math.prod(r.mesh.values())} {r.platform} "
+        f"devices)",
+        "batch: " + ", ".join(f"{k} {tuple(s)} {d}" for k, (s, d) in r.batch.items())
+        + f"; {r.tokens_per_clip} tokens per clip",
+        f"params: {r.param_count:,} ({fmt_bytes(r.state_total['model'])} in total)",
+        f"per-device state: {parts} = {fmt_bytes(sum(r.state_per_device.values()))} "
+        f"(whole mesh: {fmt_bytes(sum(r.state_total.values()))})",
+    ]
+    if mem:
+        peak = mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
+        lines.append("compiled per device: " + ", ".join(f"{k} {fmt_bytes(mem[k])}" for k in _MEMORY_FIELDS)
+                     + f"; peak ~ argument + output + temp - alias = {fmt_bytes(peak)}")
+    else:
+        lines.append("compiled per device: memory_analysis() unavailable on this backend")
+    lines.append(f"lowered in {r.lower_seconds:.1f} s, compiled in {r.compile_seconds:.1f} s")
+    return "\n".join(lines)
