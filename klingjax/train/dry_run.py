@@ -140,7 +140,7 @@ def dry_run(exp: ExperimentConfig, devices: list[jax.Device] | None = None) -> D
     shapes = {"latent": ((b, *grid), jnp.float32), "text": ((b, seq, text_dim), jnp.float32),
               "text_mask": ((b, seq), jnp.bool_)}
     if missing := sorted(set(spec.array_keys) - set(shapes)):
-        raise NotImplementedError(f"dry run: no shape for the DiT stage's batch entries {missing}")
+        raise ValueError(f"dry run: the DiT stage reads batch entries {missing} that the dry run has no shape for")
     batch = {k: jax.ShapeDtypeStruct(*shapes[k], sharding=batch_sharding(mesh)) for k in spec.array_keys}
     key = jax.eval_shape(lambda: jax.random.key(exp.seed))
 

@@ -126,3 +126,16 @@ def write_caption(video_path: str, caption: str | bytes) -> None:
     data = caption if isinstance(caption, bytes) else caption.encode("utf-8")
     with open(os.path.splitext(video_path)[0] + ".txt", "wb") as f:
         f.write(data)
+
+
+def faststart_mp4(frames: np.ndarray, fps: int, tmp_path) -> bytes:
+    """mp4 with its index (moov) before the frames, so a file cut short still opens and probes fine."""
+    path = os.path.join(tmp_path, "fast.mp4")
+    with av.open(path, "w", format="mp4", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    with open(path, "rb") as f:
+        return f.read()

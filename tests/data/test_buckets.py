@@ -2,9 +2,8 @@
 
 import dataclasses
 import json
-import os
 
-import av
+import clip_fixtures as cf
 import grain
 import numpy as np
 import pytest
@@ -166,26 +165,13 @@ def test_hosts_share_batch_shapes(shards):
     assert sorted(seen) == list(range(NUM))
 
 
-def _faststart_mp4(frames: np.ndarray, fps: int, tmp_path) -> bytes:
-    """mp4 with its index (moov) first, so a file cut short still opens and probes fine."""
-    path = os.path.join(tmp_path, "fast.mp4")
-    with av.open(path, "w", format="mp4", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def test_bad_records_are_skipped_and_counted(tmp_path):
     spec = BucketSpec(bases=(16,), durations=(5, 9))
     frames = np.full((9, 16, 16, 3), 200, np.uint8)
     good = make_video_record(frames, codec="raw", caption="ok", fps=8, num_frames=9, height=16, width=16)
     mp4 = encode_mp4(frames, 8)
     noisy = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
-    cut = _faststart_mp4(noisy, 8, tmp_path)
+    cut = cf.faststart_mp4(noisy, 8, tmp_path)
     cut = cut[: len(cut) // 2]  # probes fine, frames end half way
     as_mp4 = lambda video, n=9: dict(good, codec="mp4", video=video, num_frames=n)
     bad = [b"\xc1 not msgpack", encode_record(as_mp4(b"")), encode_record(as_mp4(b"GIF89a not a video" * 4)),

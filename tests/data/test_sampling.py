@@ -1,8 +1,7 @@
 """Tests for klingjax.data.sampling and the frame-selective decoding in klingjax.data.video_io / pipeline."""
 
-import os
 
-import av
+import clip_fixtures as cf
 import numpy as np
 import pytest
 
@@ -123,19 +122,6 @@ def test_decode_video_record_picks_frames_at_target_fps():
     assert np.array_equal(a["video"], b["video"])  # one example, one rng: one clip
 
 
-def _faststart_mp4(frames: np.ndarray, fps: int, tmp_path) -> bytes:
-    """mp4 with its index (moov) before the frames, so a truncated file still opens."""
-    path = os.path.join(tmp_path, "fast.mp4")
-    with av.open(path, "w", format="mp4", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def test_decode_frames_stops_early_and_seeks(tmp_path):
     frames = indexed_frames(200)
     data = encode_mp4(frames, 30)
@@ -147,7 +133,7 @@ def test_decode_frames_stops_early_and_seeks(tmp_path):
         assert frame_numbers(seeked) == idx
     # Noise frames make the frame data large, so cutting the file in half cuts the frames, not the index.
     noisy = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
-    cut = _faststart_mp4(noisy, 10, tmp_path)
+    cut = cf.faststart_mp4(noisy, 10, tmp_path)
     cut = cut[: len(cut) // 2]
     assert probe_video(cut).num_frames == 40  # the header is intact
     assert decode_frames(cut, [0, 3, 6]).shape == (3, 32, 32, 3)  # early frames decode: decoding stopped at 6
