@@ -1,6 +1,7 @@
 """DiT train-step benchmark: klingjax versus diffusers `WanTransformer3DModel` + torch AdamW, and achieved FLOP/s.
 
     python benchmarks/dit_step.py [--variant S] [--batch 4] [--frames 17] [--size 64] [--steps 5] [--threads N]
+                                  [--host_malloc tcmalloc|system]
 
 1. CPU, same process, same thread count. klingjax runs the train step users run: the "dit" stage's loss
    (`stages.dit_stage`: caption dropout, logit-normal timesteps, rectified-flow MSE), `create_trainer` +
@@ -48,7 +49,7 @@ from klingjax.models.dit import DiTConfig, RematPolicy
 from klingjax.models.layers.attention import AttentionImpl
 from klingjax.sharding.mesh import make_mesh
 from klingjax.sharding.rules import get_rules
-from klingjax.train import stages
+from klingjax.train import host_memory, stages
 from klingjax.train.optim import make_optimizer
 from klingjax.train.state import Trainer, create_trainer, param_count
 from klingjax.train.step import batch_sharding, compile_train_step, make_train_step
@@ -322,7 +323,13 @@ def main() -> None:
     parser.add_argument("--gpu_steps", type=int, default=5)
     parser.add_argument("--gpu_text_len", type=int, default=512)
     parser.add_argument("--gpu_remat", default="full", choices=[p.value for p in RematPolicy if p.value != "none"])
+    parser.add_argument("--host_malloc", default="tcmalloc", choices=["tcmalloc", "system"],
+                        help="tcmalloc: re-exec under tcmalloc when installed, as klingjax-train does (both "
+                             "frameworks share the process, so both get it); system: glibc malloc")
     args = parser.parse_args()
+    if args.host_malloc == "system":
+        os.environ["KLINGJAX_HOST_MALLOC"] = "default"
+    malloc = host_memory.reexec_with_tcmalloc()  # may restart this process (same argv) under tcmalloc
     # Read when the GPU client starts (first device query): the 1.3B step needs most of the memory.
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
@@ -335,7 +342,7 @@ def main() -> None:
     grid = (t // cfg.patch_size[0], h // cfg.patch_size[1], w // cfg.patch_size[2])
     tokens = math.prod(grid)
     print(f"CPU: {cpu_name()}, {len(os.sched_getaffinity(0))} schedulable cores (XLA's pool); torch threads "
-          f"{args.threads}", flush=True)
+          f"{args.threads}; host allocator: {malloc}", flush=True)
     print(f"config: variant {args.variant} (dim {cfg.dim}, ffn {cfg.ffn_dim}, heads {cfg.num_heads}, layers "
           f"{cfg.num_layers}, text_dim {cfg.text_dim}), latents {batch['latent'].shape} -> {tokens} tokens/clip, "
           f"text {batch['text'].shape}, fp32", flush=True)

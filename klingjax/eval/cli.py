@@ -29,6 +29,7 @@ from absl import logging
 
 from klingjax.eval import media
 from klingjax.eval.report import write_report
+from klingjax.train import host_memory
 
 VIDEO_EXTS = (".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv")
 ARRAY_EXTS = (".npy", ".npz")
@@ -378,7 +379,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def run() -> None:
-    """Console-script entry point (`klingjax-eval`)."""
+    """Console-script entry point (`klingjax-eval`); on CPU it first restarts itself under tcmalloc (see
+    `klingjax/train/host_memory.py`)."""
+    malloc = host_memory.reexec_with_tcmalloc()
     logging.set_verbosity(logging.INFO)
+    logging.info("host allocator: %s", malloc)
     result = main()
     print(json.dumps(result["metrics"], indent=2))
