@@ -10,6 +10,9 @@
    and the same work per step: noise + timesteps, forward, MSE to the velocity, backward, `clip_grad_norm_`,
    `torch.optim.AdamW` (same lr/betas/eps/weight decay), zero_grad, EMA lerp. Both, and the matmul reference
    below, are timed in interleaved rounds (1 warm-up, --steps timed) so all see the same machine load; medians.
+   The process first re-executes itself under tcmalloc when one is installed (`--host_malloc tcmalloc`, the
+   default, as `klingjax-train` does; `system` keeps glibc): both frameworks share the process and so the allocator
+   (klingjax/train/host_memory.py says why it matters to XLA:CPU).
    Default config: variant S (dim 256, ffn 1024, 4 heads, 8 layers, text_dim 384) on the demo VAE's latents of
    17 frames at 64x64, (B, 5, 16, 16, 8) -> 320 tokens per clip with patch (1, 2, 2), 16 text tokens.
 2. Achieved FLOP/s of the klingjax step versus the machine's measured fp32 matmul throughput (jitted `jnp.dot`s
