@@ -76,6 +76,7 @@ def reexec_with_tcmalloc() -> str:
     if env is None:
         return why
     logging.info("re-executing under %s", why)
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)  # does not return
     return why  # unreachable

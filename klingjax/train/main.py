@@ -38,6 +38,8 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the DiT stage's train st
 # KLINGJAX_DISTRIBUTED=1 is set by launch/tpu_pod.sh (a TPU VM's ssh session has none of the others).
 _CLUSTER_ENV = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS",
                 "KLINGJAX_DISTRIBUTED")
+# What `run()` chose (tcmalloc re-exec or why not); logged by `main` once logging is set up.
+_MALLOC = "not chosen"
 
 
 def initialize_distributed() -> None:
@@ -91,9 +93,6 @@ def _dry_run(exp) -> None:
     except ConfigError as e:
         raise app.UsageError(str(e)) from e
     print(dry_run.format_report(report), flush=True)
-
-
-_MALLOC = "not chosen"
 
 
 def run() -> None:

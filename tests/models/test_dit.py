@@ -8,8 +8,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from dit_helpers import fast_jit, overfit_losses
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -17,7 +17,6 @@ from klingjax.models.dit import DIT_VARIANTS, RematPolicy, WanDiT, dit_config
 from klingjax.sharding.rules import LOGICAL_AXES
 
 # Tests jit whole computations (eager op-by-op dispatch compiles every op) at low XLA opt level: fast compiles.
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 TINY = dit_config("XS", dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_channels=4, out_channels=4, text_dim=24)
 
 
@@ -124,21 +123,7 @@ def test_short_overfit_reduces_mse():
     latents, t, ctx, mask = _inputs(b=2, t=1, h=4, w=4)
     target = jax.random.normal(jax.random.key(7), latents.shape)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))
-    params = _init(cfg, seed=1)
-    tx = optax.adam(3e-3)
-
-    @fast_jit
-    def step(params, opt_state):
-        loss_fn = lambda p: jnp.mean((nnx.merge(graphdef, p)(latents, t, ctx, mask) - target) ** 2)
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state = tx.init(params)
-    losses = []
-    for _ in range(30):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
+    losses = overfit_losses(graphdef, _init(cfg, seed=1), (latents, t, ctx, mask), target)
     assert losses[-1] < losses[0] / 2, losses
 
 

@@ -8,13 +8,12 @@ ignored and the caption matters. Tiny configs and one jit per test keep XLA comp
 
 import base64
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from dit_helpers import fast_jit, overfit_losses
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -23,7 +22,6 @@ from klingjax.sharding.mesh import make_mesh
 from klingjax.sharding.rules import LOGICAL_AXES, get_rules
 from klingjax.train.state import state_shardings
 
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 TINY = dit_config("XS", dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_channels=4, out_channels=4, text_dim=24)
 F, J = AttentionLayout.FACTORIZED, TextAttention.JOINT
 SWITCHES = {
@@ -226,21 +224,8 @@ def test_switch_short_overfit_reduces_loss(name):
     cfg = _cfg(name, num_layers=1)
     latents, t, ctx, mask = _inputs(b=2, t=2)
     target = jax.random.normal(jax.random.key(7), latents.shape)
-    graphdef = _graphdef(cfg)
     params = fast_jit(lambda: nnx.state(WanDiT(cfg, rngs=nnx.Rngs(1))))()
-    tx = optax.adam(3e-3)
-
-    @fast_jit
-    def step(params, opt_state):
-        loss_fn = lambda p: jnp.mean((nnx.merge(graphdef, p)(latents, t, ctx, mask) - target) ** 2)
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state, losses = tx.init(params), []
-    for _ in range(30):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
+    losses = overfit_losses(_graphdef(cfg), params, (latents, t, ctx, mask), target)
     assert losses[-1] < losses[0] / 2, losses
 
 
