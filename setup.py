@@ -55,7 +55,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "klingjax-train=klingjax.train.main:run",
+            "klingjax-train=klingjax.main:run",
             "klingjax-export=klingjax.export.export:main",
             "klingjax-import=klingjax.export.importer:main",
             "klingjax-eval=klingjax.eval.cli:run",

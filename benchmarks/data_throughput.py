@@ -123,22 +123,24 @@ def latent_pipeline_and_dit_step(workdir: str, num_records: int, batches: int, s
     from flax import nnx
 
     from experiments import demo
+    from klingjax import layout
     from klingjax.config import to_experiment
     from klingjax.sharding.mesh import make_mesh
     from klingjax.sharding.rules import get_rules
     from klingjax.train import stages
+    from klingjax.train.batch import global_batch
     from klingjax.train.optim import make_optimizer
     from klingjax.train.state import create_trainer, param_count
     from klingjax.train.step import batch_sharding, compile_train_step, make_train_step
 
     exp = to_experiment(demo.get_config())
-    t, h, w, c = stages.latent_grid(exp)
+    t, h, w, c = layout.latent_grid(exp)
     rng = np.random.default_rng(0)
     records = ({"latent": rng.standard_normal((t, h, w, c)).astype(np.float32),
                 "text": rng.standard_normal((exp.text_max_len, TEXT_DIM)).astype(np.float16),
                 "text_mask": np.arange(exp.text_max_len) < 8, "caption": f"clip {i}", "meta_json": "{}"}
                for i in range(num_records))
-    out = stages.latent_dir(workdir)
+    out = layout.latent_dir(workdir)
     write_shards(records, out, "train", 2)
     with open(os.path.join(out, "latent_stats.json"), "w") as f:
         json.dump({"mean": [0.0] * c, "std": [1.0] * c}, f)
@@ -160,7 +162,7 @@ def latent_pipeline_and_dit_step(workdir: str, num_records: int, batches: int, s
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         step_fn = compile_train_step(make_train_step(st.graphdef, spec.loss_fn, ema_decay=exp.dit.optim.ema_decay),
                                      st.shardings, mesh)
-        batch = {k: jax.device_put(np.asarray(local[k]), batch_sharding(mesh)) for k in spec.array_keys}
+        batch = global_batch(spec.to_batch(local), batch_sharding(mesh))
         key = jax.random.key(0)
         t0 = time.perf_counter()
         compiled = step_fn.lower(st.state, batch, key).compile()

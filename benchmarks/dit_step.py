@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from klingjax.config import DataConfig, ExperimentConfig, StageConfig
+from klingjax import layout
+from klingjax.config import DataConfig, DiTStageConfig, ExperimentConfig, VAEStageConfig
 from klingjax.export import dit_map
 from klingjax.export.param_map import to_torch
 from klingjax.models.dit import DiTConfig, RematPolicy
@@ -53,6 +54,7 @@ from klingjax.models.layers.attention import AttentionImpl
 from klingjax.sharding.mesh import make_mesh
 from klingjax.sharding.rules import get_rules
 from klingjax.train import host_memory, stages
+from klingjax.train.batch import latent_batch
 from klingjax.train.optim import make_optimizer
 from klingjax.train.state import Trainer, create_trainer, param_count
 from klingjax.train.step import batch_sharding, compile_train_step, make_train_step
@@ -107,9 +109,9 @@ def matmul(device: jax.Device, m: int, k: int, n: int) -> tuple[Callable[[], Non
 def experiment(variant: str, batch: int, frames: int, height: int, width: int, vae: str,
                overrides: dict | None = None) -> ExperimentConfig:
     """An experiment whose dit stage trains `variant` on `vae` latents of (frames, height, width) clips."""
-    dit = StageConfig(variant=variant, batch_size=batch, sharding="dp", model_overrides=overrides or {})
+    dit = DiTStageConfig(variant=variant, batch_size=batch, sharding="dp", model_overrides=overrides or {})
     return ExperimentConfig(data=DataConfig(num_frames=frames, height=height, width=width),
-                            vae=StageConfig(variant=vae), dit=dit)
+                            vae=VAEStageConfig(variant=vae), dit=dit)
 
 
 def make_batch(exp: ExperimentConfig, text_len: int, text_dim: int) -> dict[str, np.ndarray]:
@@ -117,7 +119,7 @@ def make_batch(exp: ExperimentConfig, text_len: int, text_dim: int) -> dict[str,
     rng = np.random.default_rng(0)
     b = exp.dit.batch_size
     return {
-        "latent": rng.standard_normal((b, *stages.latent_grid(exp)), np.float32),
+        "latent": rng.standard_normal((b, *layout.latent_grid(exp)), np.float32),
         "text": rng.standard_normal((b, text_len, text_dim), np.float32),
         "text_mask": np.ones((b, text_len), bool),
     }
@@ -139,7 +141,7 @@ def jax_step(exp: ExperimentConfig, batch: dict[str, np.ndarray], devices):
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         train_step = make_train_step(st.graphdef, spec.loss_fn, ema_decay=cfg.optim.ema_decay)
         step_fn = compile_train_step(train_step, st.shardings, mesh)
-        dev_batch = jax.device_put(batch, batch_sharding(mesh))
+        dev_batch = jax.device_put(latent_batch(batch), batch_sharding(mesh))
         key = jax.device_put(jax.random.key(exp.seed), devices[0])
         compiled = step_fn.lower(st.state, dev_batch, key).compile()
     return compiled, st.state, dev_batch, key, st, mesh, rules
@@ -185,7 +187,7 @@ def xla_flops(exp: ExperimentConfig, batch: dict[str, np.ndarray], mesh, rules) 
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Trainer(spec.make_model(nnx.Rngs(0)), tx)))
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         step = make_train_step(graphdef, spec.loss_fn, ema_decay=unrolled.dit.optim.ema_decay)
-        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), latent_batch(batch))
         lowered = jax.jit(step).lower(abstract, shapes, jax.random.key(0))
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -208,7 +210,7 @@ def torch_trainer(exp: ExperimentConfig, model_state: nnx.State, batch: dict[str
         return None
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = stages.dit_model_config(exp, batch["text"].shape[-1])
+    cfg = layout.dit_model_config(exp, batch["text"].shape[-1])
     config = {k: v for k, v in dit_map.dit_to_diffusers_config(cfg).items() if not k.startswith("_")}
     model = WanTransformer3DModel(**config)
     flat = {tuple(str(p) for p in path): np.asarray(v[...]) for path, v in nnx.to_flat_state(model_state)}
@@ -230,7 +232,7 @@ def torch_trainer(exp: ExperimentConfig, model_state: nnx.State, batch: dict[str
     x0 = torch.from_numpy(batch["latent"]).permute(0, 4, 1, 2, 3).contiguous()  # (B, C, t, h, w)
     ctx = torch.from_numpy(batch["text"])  # (B, L, text_dim)
     null_ctx = torch.zeros_like(ctx[:1])
-    shift, b = stages.train_shift(exp), x0.shape[0]
+    shift, b = layout.train_shift(exp), x0.shape[0]
     state = {"step": 0}
 
     def step():
@@ -270,8 +272,8 @@ def gpu_mfu(args, devices) -> tuple[float | None, str]:
     overrides = {"dtype": jnp.bfloat16, "remat": RematPolicy(args.gpu_remat), "attention_impl": AttentionImpl.CUDNN}
     exp = experiment("1.3B", 1, 81, 480, 832, "wan2.1", overrides)
     batch = make_batch(exp, args.gpu_text_len, 4096)
-    cfg = stages.dit_model_config(exp, 4096)
-    t, h, w, _ = stages.latent_grid(exp)
+    cfg = layout.dit_model_config(exp, 4096)
+    t, h, w, _ = layout.latent_grid(exp)
     grid = (t // cfg.patch_size[0], h // cfg.patch_size[1], w // cfg.patch_size[2])
     flops = train_flops(cfg, 1, grid, args.gpu_text_len)
     print(f"GPU {kind}: variant {exp.dit.variant}, latents {batch['latent'].shape}, {math.prod(grid)} tokens, "
@@ -340,8 +342,8 @@ def main() -> None:
     cpu = jax.devices("cpu")[:1]
     exp = experiment(args.variant, args.batch, args.frames, args.size, args.size, args.vae)
     batch = make_batch(exp, args.text_len, args.text_dim)
-    cfg = stages.dit_model_config(exp, args.text_dim)
-    t, h, w, _ = stages.latent_grid(exp)
+    cfg = layout.dit_model_config(exp, args.text_dim)
+    t, h, w, _ = layout.latent_grid(exp)
     grid = (t // cfg.patch_size[0], h // cfg.patch_size[1], w // cfg.patch_size[2])
     tokens = math.prod(grid)
     print(f"CPU: {cpu_name()}, {len(os.sched_getaffinity(0))} schedulable cores (XLA's pool); torch threads "

@@ -24,10 +24,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from klingjax import layout
 from klingjax.config import ExperimentConfig, to_experiment
 from klingjax.data.pipeline import decode_video_record, make_dataset
 from klingjax.data.records import list_shards, write_shards
-from klingjax.train import stages
 
 
 def _encode_fn(vae: nnx.Module):
@@ -45,7 +45,7 @@ def _latent_records(exp: ExperimentConfig, workdir: str, split: str, vae, text_e
                     sums: dict) -> Iterator[dict]:
     d = exp.data
     decode = functools.partial(decode_video_record, num_frames=d.num_frames, height=d.height, width=d.width)
-    ds = make_dataset(list_shards(stages.data_dir(exp, workdir), split), decode=decode, batch_size=batch_size,
+    ds = make_dataset(list_shards(layout.data_dir(exp, workdir), split), decode=decode, batch_size=batch_size,
                       seed=0, shuffle=False, num_epochs=1, process_index=jax.process_index(),
                       process_count=jax.process_count(), drop_remainder=False)
     encode = _encode_fn(vae)
@@ -71,7 +71,7 @@ def _latent_records(exp: ExperimentConfig, workdir: str, split: str, vae, text_e
 def cache_latents(exp: ExperimentConfig, workdir: str, vae: nnx.Module, text_encoder, *, batch_size: int = 16,
                   num_shards: int = 2) -> dict:
     """Write `workdir/latents/{train,eval}-*` shards and `latent_stats.json`; returns the stats."""
-    out = stages.latent_dir(workdir)
+    out = layout.latent_dir(workdir)
     stats_path = os.path.join(out, "latent_stats.json")
     text_key = {"text_encoder": exp.text_encoder, "text_max_len": exp.text_max_len}
     if os.path.exists(stats_path):

@@ -40,9 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.vae.optim.lr = 4e-4
     c.vae.optim.warmup_steps = 30
     c.vae.optim.ema_decay = 0.99
-    c.vae.kl_weight = 1e-6
+    c.vae.loss.kl_weight = 1e-6
     # L1 alone spends hundreds of steps on the background; the MSE term pulls the sprites in (+5 dB at 400 steps).
-    c.vae.mse_weight = 2.0
+    c.vae.loss.mse_weight = 2.0
     c.vae.checkpoint_every = 200
 
     c.dit.variant = "XS"

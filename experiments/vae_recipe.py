@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.vae.optim.warmup_steps = 1000
     c.vae.optim.weight_decay = 0.0
     c.vae.optim.ema_decay = 0.999
-    c.vae.kl_weight = 1e-6
+    c.vae.loss.kl_weight = 1e-6
     c.vae.sharding = "dp"
     c.vae.log_every, c.vae.checkpoint_every, c.vae.sample_every = 100, 2000, 5000
 
@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.vae.variant, c.vae.num_frames, c.vae.sharding = "demo", 0, "fsdp"
         c.vae.batch_size, c.vae.steps, c.vae.optim.lr, c.vae.optim.warmup_steps = 8, 400, 4e-4, 30
         c.vae.optim.ema_decay = 0.99
-        c.vae.mse_weight = 2.0  # as experiments/demo.py: L1 alone is slow to learn the small sprites
+        c.vae.loss.mse_weight = 2.0  # as experiments/demo.py: L1 alone is slow to learn the small sprites
         c.vae.log_every, c.vae.checkpoint_every, c.vae.sample_every = 20, 200, 0
     if arg == "runlocal":
         c.data.num_train, c.data.num_eval = 64, 16

@@ -20,7 +20,9 @@ from klingjax.diffusion.losses import LossWeighting
 from klingjax.diffusion.samplers import Sampler
 from klingjax.diffusion.schedules import TimestepSampling
 from klingjax.models.discriminator import DiscriminatorConfig
-from klingjax.train.vae_losses import LPIPS_MIN_SIZE, LPIPSNet
+from klingjax.models.dit import DIT_VARIANTS, dit_config
+from klingjax.models.lpips import LPIPS_MIN_SIZE, LPIPSNet
+from klingjax.models.vae import VAE_VARIANTS, vae_config
 
 
 class ConfigError(ValueError):
@@ -78,10 +80,10 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
-    """One training stage (vae or dit): model variant, batch, steps, optimiser, cadence."""
+    """The train settings every stage has: model variant, batch, steps, optimiser, cadence, initialisation."""
 
-    variant: str = "demo"
-    model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    variant: str = ""
+    model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # fields of the model's config
     batch_size: int = 16  # global
     num_frames: int = 0  # training clip length (centre crop, 1 + 4k); 0: data.num_frames
     steps: int = 1000
@@ -92,19 +94,47 @@ class StageConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     sample_every: int = 0  # 0: only at the end
-    kl_weight: float = 1e-6  # vae stage
     init_from: str = ""  # fresh start only: load model params (model + EMA) from this stage/checkpoint dir
     init_from_ema: bool = True  # take the EMA params of `init_from` (else the raw model params)
-    mse_weight: float = 0.0  # vae stage: + mse_weight * MSE next to L1 (L1 alone is slow to learn small objects)
-    lpips_weight: float = 0.0  # vae stage: + lpips_weight * per-frame LPIPS(recon, video); 0: off
-    lpips_net: LPIPSNet = LPIPSNet.ALEX  # vae stage: LPIPS backbone (alex: ~20x cheaper than vgg)
-    lpips_frames: int = 0  # vae stage: LPIPS on this many random frames of each clip per step; 0: all frames
-    disc_weight: float = 0.0  # vae stage: 3D PatchGAN hinge loss, adaptive weight x disc_weight; 0: no GAN
-    disc_start: int = 0  # vae stage: optimizer step from which the discriminator trains and its loss applies
-    disc_lr: float = 0.0  # vae stage: discriminator learning rate; 0: optim.lr
-    disc_dim: int = 32  # vae stage: discriminator channels (x1, x2, x4, x8 over its layers)
-    disc_layers: int = 3  # vae stage: strided discriminator layers (each halves T, H, W)
-    caption_dropout: float = 0.1  # dit stage
+
+
+@dataclasses.dataclass(frozen=True)
+class VAELossConfig:
+    """Weights of the VAE objective: L1 + mse_weight * MSE + lpips_weight * LPIPS + kl_weight * KL."""
+
+    kl_weight: float = 1e-6
+    mse_weight: float = 0.0  # L1 alone is slow to learn small objects
+    lpips_weight: float = 0.0  # per-frame LPIPS(recon, video); 0: off
+    lpips_net: LPIPSNet = LPIPSNet.ALEX  # alex: ~20x cheaper than vgg
+    lpips_frames: int = 0  # LPIPS on this many random frames of each clip per step; 0: all frames
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscConfig:
+    """The VAE stage's 3D PatchGAN: hinge loss with the adaptive weight x `weight` (0: no GAN)."""
+
+    weight: float = 0.0
+    start: int = 0  # optimizer step from which the discriminator trains and its loss applies
+    lr: float = 0.0  # 0: the stage's optim.lr
+    dim: int = 32  # channels (x1, x2, x4, x8 over its layers)
+    layers: int = 3  # strided layers (each halves T, H, W)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEStageConfig(StageConfig):
+    """Stage "vae": train settings + the reconstruction loss + the discriminator."""
+
+    variant: str = "demo"  # a key of klingjax.models.vae.VAE_VARIANTS
+    loss: VAELossConfig = VAELossConfig()
+    disc: DiscConfig = DiscConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTStageConfig(StageConfig):
+    """Stage "dit": train settings + the rectified-flow objective on cached latents."""
+
+    variant: str = "XS"  # a key of klingjax.models.dit.DIT_VARIANTS
+    caption_dropout: float = 0.1
     timestep_sampling: TimestepSampling = TimestepSampling.LOGIT_NORMAL
     timestep_shift: float = 0.0  # 0: resolution-dependent shift
     loss_weighting: LossWeighting = LossWeighting.NONE
@@ -143,8 +173,8 @@ class ExperimentConfig:
     data: DataConfig = DataConfig()
     text_max_len: int = 16
     text_encoder: str = "minilm"  # "minilm" (bundled) or a UMT5 folder (transformers layout / diffusers Wan root)
-    vae: StageConfig = StageConfig()
-    dit: StageConfig = StageConfig(variant="XS")
+    vae: VAEStageConfig = VAEStageConfig()
+    dit: DiTStageConfig = DiTStageConfig()
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
 
@@ -209,17 +239,12 @@ def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Expe
                 raise ConfigError(f"config key '{name}.{key}': must be positive, got {getattr(s, key)}")
         if s.num_frames and ((s.num_frames - 1) % 4 or s.num_frames > d.num_frames):
             raise ConfigError(f"config key '{name}.num_frames': {s.num_frames} must be 1 + 4k and <= data.num_frames")
-        if not 0.0 <= s.caption_dropout < 1.0:
-            raise ConfigError(f"config key '{name}.caption_dropout': must be in [0, 1), got {s.caption_dropout}")
         if s.optim.lr <= 0:
             raise ConfigError(f"config key '{name}.optim.lr': must be positive, got {s.optim.lr}")
-        for key in ("kl_weight", "mse_weight", "lpips_weight", "lpips_frames", "disc_weight", "disc_start", "disc_lr"):
-            if getattr(s, key) < 0:
-                raise ConfigError(f"config key '{name}.{key}': must be >= 0, got {getattr(s, key)}")
-        for key in ("disc_dim", "disc_layers"):
-            if getattr(s, key) < 1:
-                raise ConfigError(f"config key '{name}.{key}': must be >= 1, got {getattr(s, key)}")
+    if not 0.0 <= exp.dit.caption_dropout < 1.0:
+        raise ConfigError(f"config key 'dit.caption_dropout': must be in [0, 1), got {exp.dit.caption_dropout}")
     _check_vae_losses(exp)
+    _check_model_overrides(exp)
     if exp.sample.num_steps < 1:
         raise ConfigError(f"config key 'sample.num_steps': must be >= 1, got {exp.sample.num_steps}")
     if exp.eval.fvd and exp.data.num_frames < 9:
@@ -227,29 +252,64 @@ def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Expe
     return exp
 
 
-VAE_ONLY_KEYS = ("lpips_weight", "lpips_net", "lpips_frames", "disc_weight", "disc_start", "disc_lr", "disc_dim",
-                 "disc_layers")
-
-
 def _check_vae_losses(exp: ExperimentConfig) -> None:
-    """The LPIPS / GAN keys: set only on the vae stage, and fitting its clips."""
-    default = StageConfig()
-    for key in VAE_ONLY_KEYS:
-        if getattr(exp.dit, key) != getattr(default, key):
-            raise ConfigError(f"config key 'dit.{key}': only the vae stage uses it; leave it at "
-                              f"{getattr(default, key)!r}")
+    """The VAE loss and discriminator keys: non-negative, and fitting the stage's clips."""
     v, d = exp.vae, exp.data
+    for section, keys in (("loss", ("kl_weight", "mse_weight", "lpips_weight", "lpips_frames")),
+                          ("disc", ("weight", "start", "lr"))):
+        for key in keys:
+            if (value := getattr(getattr(v, section), key)) < 0:
+                raise ConfigError(f"config key 'vae.{section}.{key}': must be >= 0, got {value}")
+    for key in ("dim", "layers"):
+        if getattr(v.disc, key) < 1:
+            raise ConfigError(f"config key 'vae.disc.{key}': must be >= 1, got {getattr(v.disc, key)}")
     frames = v.num_frames or d.num_frames
-    if v.lpips_frames > frames:
-        raise ConfigError(f"config key 'vae.lpips_frames': {v.lpips_frames} is more than the {frames} frames per clip")
-    if v.lpips_weight > 0 and min(d.height, d.width) < LPIPS_MIN_SIZE[v.lpips_net]:
-        raise ConfigError(f"config key 'vae.lpips_net': {v.lpips_net.value} LPIPS needs frames of at least "
-                          f"{LPIPS_MIN_SIZE[v.lpips_net]}px, data is {d.height}x{d.width}")
-    if v.disc_weight > 0:
-        grid = DiscriminatorConfig(dim=v.disc_dim, num_layers=v.disc_layers).output_shape(frames, d.height, d.width)
+    if v.loss.lpips_frames > frames:
+        raise ConfigError(f"config key 'vae.loss.lpips_frames': {v.loss.lpips_frames} is more than the {frames} "
+                          "frames per clip")
+    net = v.loss.lpips_net
+    if v.loss.lpips_weight > 0 and min(d.height, d.width) < LPIPS_MIN_SIZE[net]:
+        raise ConfigError(f"config key 'vae.loss.lpips_net': {net.value} LPIPS needs frames of at least "
+                          f"{LPIPS_MIN_SIZE[net]}px, data is {d.height}x{d.width}")
+    if v.disc.weight > 0:
+        grid = DiscriminatorConfig(dim=v.disc.dim, num_layers=v.disc.layers).output_shape(frames, d.height, d.width)
         if min(grid) < 1:
-            raise ConfigError(f"config key 'vae.disc_layers': {v.disc_layers} strided layers leave no patch of "
+            raise ConfigError(f"config key 'vae.disc.layers': {v.disc.layers} strided layers leave no patch of "
                               f"{d.height}x{d.width} frames; use fewer")
+
+
+# The model config builders each stage calls later (`klingjax.layout`) and their variant tables, run once here so
+# that a bad variant or override fails before any stage runs.
+_MODELS = {"vae": (vae_config, VAE_VARIANTS), "dit": (dit_config, DIT_VARIANTS)}
+# DiT fields the stage ties to the VAE (z_dim) and the text encoder (width): not overridable.
+TIED_DIT_FIELDS = ("in_channels", "out_channels", "text_dim")
+
+
+def _check_model_overrides(exp: ExperimentConfig) -> None:
+    """`<stage>.variant` exists and every `<stage>.model_overrides.<field>` is a field of its model config with
+    a value of the field's type (plain fields: the variant's value's type; enums and tuples: the builder's check)."""
+    for name, (build, variants) in _MODELS.items():
+        s: StageConfig = getattr(exp, name)
+        if s.variant not in variants:
+            raise ConfigError(f"config key '{name}.variant': unknown {s.variant!r}; choose from {sorted(variants)}")
+        base = variants[s.variant]
+        fields = {f.name for f in dataclasses.fields(base)}
+        for key, value in s.model_overrides.items():
+            where = f"{name}.model_overrides.{key}"
+            if key not in fields:
+                raise ConfigError(f"unknown config key '{where}' (valid keys here: {sorted(fields)})")
+            if name == "dit" and key in TIED_DIT_FIELDS:
+                raise ConfigError(f"config key '{where}': set by the stage (VAE z_dim / text encoder)")
+            kind = type(getattr(base, key))
+            if kind in (int, float, bool, str):
+                ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+                ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+                if not ok:
+                    raise ConfigError(f"config key '{where}': expected {kind.__name__}, got {value!r}")
+        try:
+            build(s.variant, **s.model_overrides)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"config key '{name}.model_overrides': {e}") from None
 
 
 def config_from_dataclass(exp: ExperimentConfig) -> ml_collections.ConfigDict:

@@ -294,7 +294,7 @@ def subprocess_runner(argv: list[str], log_path: str) -> int:
 
 
 def run_local(runs: Sequence[Run], *, runner: Runner = subprocess_runner,
-              entry: Sequence[str] = (sys.executable, "-m", "klingjax.train.main")) -> dict[str, str]:
+              entry: Sequence[str] = (sys.executable, "-m", "klingjax.main")) -> dict[str, str]:
     """Run unfinished runs one after another; returns {run name: "skipped" | "done"}. Raises on a failure."""
     finished = {run.name: is_finished(run) for run in runs}  # checks every marker before starting anything
     status = {}
@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = expand(sweep, sweep_file, args.workdir_root)
         if args.dry_run or args.launcher != "local":
             todo = [r for r in runs if not is_finished(r)]
-            local_entry = ("python", "-m", "klingjax.train.main")
+            local_entry = ("python", "-m", "klingjax.main")
             sys.stdout.write("".join(line + "\n" for line in commands(todo, args.launcher, local_entry=local_entry)))
             return 0
         sweep_dir = _join(args.workdir_root, sweep.name)

@@ -1,8 +1,9 @@
-"""ODE samplers for rectified flow (t from 1 = noise to 0 = data) with classifier-free guidance.
+"""ODE samplers for rectified flow (t from 1 = noise to 0 = data).
 
 A velocity function `velocity_fn(x, t, *args) -> v` with t a scalar array is all a sampler needs;
 `args` (e.g. model params) travel through the loop carry, so functions that must be traced inside the
-loop (NNX modules merged from state) can be rebuilt there. `guided` adds CFG and negative prompts.
+loop (NNX modules merged from state) can be rebuilt there. Classifier-free guidance (negative prompts, several
+conditions) happens inside `velocity_fn`: see diffusion/guidance.py.
 """
 
 from __future__ import annotations
@@ -24,19 +25,6 @@ class Sampler(enum.Enum):
     EULER = "euler"
     HEUN = "heun"
     DPM_SOLVER_PP_2M = "dpmpp_2m"
-
-
-def guided(cond_fn: VelocityFn, uncond_fn: VelocityFn, scale: float) -> VelocityFn:
-    """CFG: v = v_u + s (v_c - v_u); `uncond_fn` is the empty or negative prompt branch."""
-
-    def fn(x, t, *args):
-        v_c = cond_fn(x, t, *args)
-        if scale == 1.0:
-            return v_c
-        v_u = uncond_fn(x, t, *args)
-        return v_u + scale * (v_c - v_u)
-
-    return fn
 
 
 def _euler(velocity_fn: VelocityFn, x: jax.Array, ts: jax.Array, args: tuple) -> jax.Array:

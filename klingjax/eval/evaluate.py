@@ -1,4 +1,8 @@
-"""Evaluate a trained text-to-video pipeline on held-out captions: FVD, prompt adherence, media, report."""
+"""Evaluate a trained text-to-video pipeline on held-out captions: FVD, prompt adherence, media, report.
+
+The in-loop eval of `klingjax.experiment`: it generates, writes the clips as `klingjax-eval` reads them and scores
+them with the same scorer (`klingjax.eval.scoring`). The held-out clip loaders here serve the CLI too.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,11 @@ from klingjax.config import ExperimentConfig
 from klingjax.data.pipeline import decode_video_record, make_dataset
 from klingjax.data.records import list_shards
 from klingjax.data.synthetic import SyntheticSpec
-from klingjax.eval import adherence, media
+from klingjax.eval import media, scoring
 from klingjax.eval.generate import VideoGenerator
-from klingjax.eval.report import write_report
+from klingjax.eval.report import scorer_sections, write_report
+
+GENERATED_DIR = ("eval", "generated")  # under out_dir: the generated clips, in `klingjax-eval --generated` format
 
 
 def load_eval_clips(exp: ExperimentConfig, data_dir: str, n: int) -> tuple[np.ndarray, list[str], list[dict]]:
@@ -51,63 +57,60 @@ def synthetic_spec(data_dir: str) -> SyntheticSpec:
 
 def evaluate(exp: ExperimentConfig, generator: VideoGenerator, *, data_dir: str, out_dir: str,
              extra_metrics: dict | None = None) -> dict:
-    """Generate one clip per held-out caption, score it and write `out_dir/report.md`; returns metrics."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Generate one clip per held-out caption, write them to `out_dir/eval/generated`, score them with the
+    `klingjax-eval` scorer and write `out_dir/report.md` + media; returns metrics.
+
+    `klingjax-eval --generated OUT_DIR/eval/generated --dataset DATA_DIR --metrics adherence[,fvd]` reproduces
+    the metric values (the videos are stored losslessly).
+    """
     spec = synthetic_spec(data_dir)
     real, captions, metas = load_eval_clips(exp, data_dir, exp.eval.num_clips)
     logging.info("eval: generating %d clips", len(captions))
     fake = generator(captions, jax.random.key(exp.seed + 1), batch_size=exp.eval.batch_size)
-
-    metrics: dict[str, float | str] = {}
-    protocols: dict[str, str] = {}
-    scores = adherence.score(fake, metas, spec)
-    reference = adherence.score(real, metas, spec)  # the detector on ground-truth clips: its ceiling
-    for k in ("colour_acc", "shape_acc", "direction_acc", "all_acc", "count_acc", "camera_acc"):
-        metrics[f"adherence_{k}"] = float(scores[k])
-        metrics[f"adherence_{k}_on_real"] = float(reference[k])
-    protocols["adherence"] = f"synthetic ground truth, {len(captions)} held-out captions, detector on decoded RGB"
-    if exp.eval.fvd:
-        result = _fvd(real, fake)
-        metrics["fvd"] = result.value
-        protocols["fvd"] = result.protocol
-    metrics.update(extra_metrics or {})
-
-    if jax.process_index() == 0:  # every process computed the same metrics; host 0 alone writes
-        # --- media ---
-        n_show = min(exp.sample.num_samples, len(captions))
-        samples = []
-        for i in range(n_show):
-            mp4, gif = os.path.join(out_dir, f"sample_{i:02d}.mp4"), os.path.join(out_dir, f"sample_{i:02d}.gif")
-            media.write_mp4(mp4, fake[i], fps=spec.fps, scale=4)
-            media.write_gif(gif, fake[i], fps=spec.fps, scale=4)
-            samples.append({"caption": captions[i], "mp4": mp4, "gif": gif})
-        grid = os.path.join(out_dir, "samples_grid.png")
-        media.write_png_grid(grid, fake[:n_show], ncols=1, frames_per_row=min(9, fake.shape[1]), scale=3,
-                             captions=captions[:n_show])
-        real_grid = os.path.join(out_dir, "real_grid.png")
-        media.write_png_grid(real_grid, real[:n_show], ncols=1, frames_per_row=min(9, real.shape[1]), scale=3,
-                             captions=captions[:n_show])
-
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump({"metrics": metrics, "protocols": protocols}, f, indent=2)
-        write_report(
-            os.path.join(out_dir, "report.md"),
-            title=f"klingjax report: {exp.name}",
-            config_summary=_config_summary(exp),
-            metrics=metrics,
-            protocols=protocols,
-            samples=samples,
-            grid_png=grid,
-            extra_sections={"Held-out ground truth": f"![real clips]({os.path.basename(real_grid)})"},
-        )
+    folder = os.path.join(out_dir, *GENERATED_DIR)
+    if jax.process_index() == 0:  # every process generated and scores the same clips; host 0 alone writes
+        scoring.write_generated(folder, fake, captions)
+    # The reference is the held-out clips: adherence also scores them (`adherence_<k>_on_real`, its ceiling).
+    names = ["adherence"] + (["fvd"] if exp.eval.fvd else [])
+    scores = scoring.compute_metrics(fake, real, names, metas=metas, spec=spec, fps=float(spec.fps))
+    metrics = {**scores.values, **(extra_metrics or {})}
+    if jax.process_index() == 0:
+        _write_outputs(exp, out_dir, fake, real, captions, fps=spec.fps, metrics=metrics, scores=scores,
+                       folder=folder)
     logging.info("eval: %s", metrics)
     return metrics
 
 
-def _fvd(real: np.ndarray, fake: np.ndarray):
-    from klingjax.eval.fvd import fvd
-
-    return fvd(real, fake)
+def _write_outputs(exp: ExperimentConfig, out_dir: str, fake: np.ndarray, real: np.ndarray, captions: list[str], *,
+                   fps: float, metrics: dict, scores: scoring.Scores, folder: str) -> None:
+    """Sample mp4/gif, generated and ground-truth grids, metrics.json and report.md into `out_dir`."""
+    n_show = min(exp.sample.num_samples, len(captions))
+    samples = []
+    for i in range(n_show):
+        mp4, gif = os.path.join(out_dir, f"sample_{i:02d}.mp4"), os.path.join(out_dir, f"sample_{i:02d}.gif")
+        media.write_mp4(mp4, fake[i], fps=fps, scale=4)
+        media.write_gif(gif, fake[i], fps=fps, scale=4)
+        samples.append({"caption": captions[i], "mp4": mp4, "gif": gif})
+    grids = {}
+    for name, videos in (("samples_grid.png", fake), ("real_grid.png", real)):
+        grids[name] = os.path.join(out_dir, name)
+        media.write_png_grid(grids[name], videos[:n_show], ncols=1, frames_per_row=min(9, videos.shape[1]), scale=3,
+                             captions=captions[:n_show])
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump({"metrics": metrics, "protocols": scores.protocols, "timings": scores.timings,
+                   "skipped": scores.skipped, "generated": os.path.abspath(folder)}, f, indent=2)
+    write_report(
+        os.path.join(out_dir, "report.md"),
+        title=f"klingjax report: {exp.name}",
+        config_summary=_config_summary(exp),
+        metrics=metrics,
+        protocols=scores.protocols,
+        samples=samples,
+        grid_png=grids["samples_grid.png"],
+        extra_sections={"Held-out ground truth": "![real clips](real_grid.png)",
+                        "Generated videos": f"`{os.path.relpath(folder, out_dir)}` (score it with `klingjax-eval "
+                                            f"--generated`)", **scorer_sections(scores.skipped, scores.timings)},
+    )
 
 
 def _config_summary(exp: ExperimentConfig) -> dict:

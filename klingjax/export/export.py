@@ -34,10 +34,10 @@ from klingjax.export.checkpoint_source import (
     check_architecture,
     find_checkpoints,
     limit_malloc_arenas,
-    load_experiment,
 )
 from klingjax.export.param_map import Entry, torch_axes
 from klingjax.export.safetensors_io import ShardedWriter, TensorSpec, parse_size
+from klingjax.layout import load_workdir_config
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float16": np.dtype(np.float16)}
@@ -66,7 +66,7 @@ def _write_json(path: str, obj) -> None:
 
 
 def _export_dit(exp, ckpt: StageCheckpoint, folder: str, prefix: str, dtype, max_shard_bytes: int) -> dict:
-    from klingjax.train.stages import dit_model_config
+    from klingjax.layout import dit_model_config
 
     leaves = OrbaxLeaves(ckpt.state_dir)
     text_key = (prefix, "condition_embedder", "text_embedder", "linear_1", "kernel")
@@ -82,7 +82,7 @@ def _export_dit(exp, ckpt: StageCheckpoint, folder: str, prefix: str, dtype, max
 
 def _export_vae(exp, workdir: str, ckpt: StageCheckpoint, folder: str, prefix: str, dtype,
                 max_shard_bytes: int) -> dict:
-    from klingjax.train.stages import load_latent_stats, vae_config
+    from klingjax.layout import load_latent_stats, vae_config
 
     leaves = OrbaxLeaves(ckpt.state_dir)
     cfg = vae_config(exp)
@@ -116,7 +116,7 @@ def _export_text_encoder(out: str) -> bool:
 
 
 def _sampling_settings(exp) -> dict:
-    from klingjax.train.stages import train_shift
+    from klingjax.layout import train_shift
 
     s = exp.sample
     return {"num_inference_steps": s.num_steps, "guidance_scale": s.cfg_scale, "negative_prompt": s.negative_prompt,
@@ -155,7 +155,7 @@ def export_checkpoint(checkpoint: str, out: str, *, step: int | None = None, ema
         raise ValueError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     max_shard_bytes = parse_size(max_shard_size)
     workdir, ckpts = find_checkpoints(checkpoint, step)
-    exp = load_experiment(workdir)
+    exp = load_workdir_config(workdir)
     prefix = "ema" if ema else "model"
     stages = {c.stage: c for c in ckpts}
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -8,7 +8,7 @@ imported architectures), `<out>/{dit,vae}/checkpoints/0/{state,data_iter}` holdi
 a fresh optimiser state, EMA = params) through the train loop's own `Checkpointer`, and
 `<out>/latents/latent_stats.json` from the VAE's `latents_mean`/`latents_std` (the DiT's latent
 normalisation). The text encoder is not imported (klingjax's is the bundled MiniLM; Wan's umT5 is not
-available offline). Params-only restore for `init_from`: `restore_params` below.
+available offline). The params-only restore (`init_from`, sampling) is `klingjax.train.checkpoint.restore_params`.
 """
 
 from __future__ import annotations
@@ -21,20 +21,18 @@ import shutil
 import time
 from collections.abc import Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
 from klingjax.config import ExperimentConfig, StageConfig, config_from_dataclass
 from klingjax.export import dit_map, vae_map
-from klingjax.export.checkpoint_source import ArchitectureError, find_checkpoints
 from klingjax.export.param_map import Entry, from_torch
 from klingjax.export.safetensors_io import SafetensorsFolder
 from klingjax.models.dit import DiTConfig
 from klingjax.models.vae import VAEConfig
+from klingjax.train.checkpoint import ArchitectureError
 
 WEIGHTS_PREFIX = "diffusion_pytorch_model"
 
@@ -152,38 +150,6 @@ def import_diffusers(diffusers_dir: str, out: str) -> dict:
     logging.info("imported %s -> %s in %.1fs", diffusers_dir, out, time.time() - t0)
     return {"stages": sorted(s for s, c in (("dit", dit_cfg), ("vae", vae_cfg)) if c is not None),
             "dit": dit_cfg, "vae": vae_cfg}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Params-only restore (the train loop's `init_from`)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def restore_params(checkpoint: str, abstract_model: nnx.Module, *, step: int | None = None, use_ema: bool = False,
-                   shardings: nnx.State | None = None) -> nnx.State:
-    """The model (or EMA) params of a stage checkpoint as an `nnx.State`, without optimiser or data state.
-
-    `checkpoint` is a stage dir (`<workdir>/dit`), its `checkpoints/` dir or one step's dir, written by the train
-    loop or by `klingjax-import`. `abstract_model` fixes the expected structure (e.g. the `model` of
-    `nnx.eval_shape`d Trainer); `shardings` (same structure, NamedShardings) places the arrays on a mesh.
-    Raises ArchitectureError when shapes differ.
-    """
-    _, (ckpt,) = find_checkpoints(checkpoint, step)
-    abstract = nnx.state(abstract_model)
-    if shardings is None:
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda a: one, abstract)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    key = "ema" if use_ema else "model"
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    try:
-        restored = ocp.PyTreeCheckpointer().restore(
-            ckpt.state_dir,
-            args=ocp.args.PyTreeRestore(item={key: target}, restore_args={key: restore_args}, partial_restore=True),
-        )
-    except ValueError as e:
-        raise ArchitectureError(f"{ckpt.state_dir} does not fit the given model: {e}") from e
-    return restored[key]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

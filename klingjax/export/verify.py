@@ -22,7 +22,9 @@ import numpy as np
 from flax import nnx
 
 from klingjax.export import dit_map, vae_map
-from klingjax.export.checkpoint_source import OrbaxLeaves, find_checkpoints, load_experiment, load_model
+from klingjax.export.checkpoint_source import OrbaxLeaves, find_checkpoints, load_model
+from klingjax.layout import load_workdir_config
+from klingjax.models.conditions import Conditions
 
 TORCH_HINT = 'pip install -e ".[torch]"   (torch==2.13.0 CPU build, diffusers, transformers, safetensors)'
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}  # relative to the output's max magnitude
@@ -87,7 +89,7 @@ def check_transformer(torch, model, folder: str, dtype: str, seed: int = 0) -> d
         want = ref(torch.from_numpy(latents).permute(0, 4, 1, 2, 3), torch.from_numpy(t), torch.from_numpy(text),
                    return_dict=False)[0].permute(0, 2, 3, 4, 1).numpy()
     with jax.default_matmul_precision("highest"):
-        got = nnx.jit(lambda m, *a: m(*a))(model, jnp.asarray(latents), jnp.asarray(t), jnp.asarray(text))
+        got = nnx.jit(lambda m, *a: m(*a))(model, jnp.asarray(latents), jnp.asarray(t), Conditions(jnp.asarray(text)))
     return _result(np.asarray(got), want, dtype)
 
 
@@ -135,20 +137,20 @@ def verify_export(out: str) -> dict[str, dict]:
     with open(os.path.join(out, "klingjax_export.json")) as f:
         summary = json.load(f)
     workdir = summary["source"]
-    exp = load_experiment(workdir)
+    exp = load_workdir_config(workdir)
     prefix, dtype = summary["params"], summary["dtype"]
     report: dict[str, dict] = {}
     for stage, step in summary["steps"].items():
         _, (ckpt,) = find_checkpoints(os.path.join(workdir, stage), step)
         leaves = OrbaxLeaves(ckpt.state_dir)
         if stage == "dit":
-            from klingjax.train.stages import dit_model_config
+            from klingjax.layout import dit_model_config
 
             cfg = dit_model_config(exp, summary["components"]["transformer"]["text_dim"])
             model = load_model(leaves, prefix, dit_map.abstract_dit(cfg))
             report["transformer"] = check_transformer(torch, model, os.path.join(out, "transformer"), dtype)
         else:
-            from klingjax.train.stages import vae_config
+            from klingjax.layout import vae_config
 
             model = load_model(leaves, prefix, vae_map.abstract_vae(vae_config(exp)))
             report.update(check_vae(torch, model, os.path.join(out, "vae"), dtype))

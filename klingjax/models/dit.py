@@ -4,6 +4,9 @@ latents (B, t, h, w, C_in) -> patch tokens (B, N, D) -> num_layers x [self-attn 
 text, MLP, each modulated by one shared time MLP + per-block tables] -> final modulated norm -> velocity
 (B, t, h, w, C_out). Parameter paths mirror diffusers so the export map is mechanical; blocks are stored
 stacked on a leading "layers" axis (scan-friendly) and run with `nnx.scan` or a Python loop.
+Conditioning has one seam (DESIGN.md section 4): the model's condition step (`WanDiT.block_inputs`) turns the
+timesteps and a `Conditions` pytree into one `BlockInputs` tuple that every block reads; the static
+`ConditionSpec` in DiTConfig says which conditions exist (`ConditionSpec()` = Wan T2V, no extra params).
 
 Ablation switches (defaults = Wan 2.1; any other setting cannot be exported to diffusers):
   * `AttentionLayout.FACTORIZED`: each block runs spatial self-attention within every frame (2D part of the
@@ -18,7 +21,8 @@ Ablation switches (defaults = Wan 2.1; any other setting cannot be exported to d
     projections per block, `text_kv` = {to_k, to_v, norm_k} (its features differ from video features, as in
     SD3's per-modality weights); text keys are not rotated (identity rows in the key RoPE table) and padded
     text keys are masked.
-Neighbours: layers/ (attention, rope, norms, embeddings), diffusion/ (what the velocity means).
+Neighbours: conditions.py, dit_inputs.py, layers/ (attention, rope, norms, embeddings), diffusion/ (what the
+velocity means).
 """
 
 from __future__ import annotations
@@ -26,16 +30,18 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from klingjax.models.conditions import Conditions, ConditionSpec
+from klingjax.models.dit_inputs import FACTORIZED_POSITIONS_ERROR, BlockInputs, RopeTables, block_rope, joint_kv_mask
 from klingjax.models.layers.attention import AttentionImpl, WanAttention, attention, dense, table_init
 from klingjax.models.layers.embeddings import ConditionEmbedder, PatchEmbed, check_patchable, unpatchify
 from klingjax.models.layers.norms import LayerNorm, RMSNorm, logical
-from klingjax.models.layers.rope import apply_rope, rope_3d
+from klingjax.models.layers.rope import apply_rope
 from klingjax.sharding.context_parallel import ContextParallel, context_parallel_enabled
 from klingjax.sharding.rules import current_rules, shard
 
@@ -102,6 +108,7 @@ class DiTConfig:
     attention_layout: AttentionLayout = AttentionLayout.JOINT_3D
     text_attention: TextAttention = TextAttention.CROSS
     context_parallel: ContextParallel = ContextParallel.ALL_TO_ALL  # used when a mesh splits tokens over "context"
+    conditions: ConditionSpec = ConditionSpec()  # which conditions the model reads; default = Wan T2V (text)
     dtype: Any = jnp.float32  # compute dtype of matmuls; norms, modulation and time MLP stay float32
     param_dtype: Any = jnp.float32
 
@@ -113,6 +120,8 @@ class DiTConfig:
         for name, kind in _ENUM_FIELDS.items():
             if not isinstance(getattr(self, name), kind):
                 raise TypeError(f"DiTConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        if not isinstance(self.conditions, ConditionSpec):
+            raise TypeError(f"DiTConfig.conditions must be a ConditionSpec, got {self.conditions!r}")
 
     @property
     def head_dim(self) -> int:
@@ -139,6 +148,8 @@ def _coerce(name: str, value: Any) -> Any:
             raise ValueError(f"DiT field {name!r}: {value!r} is not one of {[m.value for m in kind]}") from None
     if name in ("dtype", "param_dtype") and isinstance(value, str):
         return jnp.dtype(value)
+    if name == "conditions" and isinstance(value, dict):
+        return ConditionSpec(**value)
     return tuple(value) if isinstance(value, list) else value
 
 
@@ -153,34 +164,8 @@ def dit_config(variant: str, **overrides) -> DiTConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Positions and attention helpers
+# Joint text attention
 # ---------------------------------------------------------------------------------------------------------
-
-
-class RopeTables(NamedTuple):
-    """(cos, sin) tables of every self-attention a block runs (a pytree broadcast to all blocks)."""
-
-    q: tuple[jax.Array, jax.Array]  # queries: JOINT_3D (N, K/2); FACTORIZED spatial (h*w, K/2)
-    k: tuple[jax.Array, jax.Array]  # keys: q's rows, then L identity rows (cos 1, sin 0) for JOINT text keys
-    temporal: tuple[jax.Array, jax.Array] | None  # FACTORIZED temporal attention (t, K/2); else None
-
-
-def block_rope(grid: tuple[int, int, int], cfg: DiTConfig, text_len: int) -> RopeTables:
-    """Slice the 3D RoPE tables of a (t, h, w) token grid into the tables `cfg`'s blocks use."""
-    t, h, w = grid
-    cos, sin = rope_3d(grid, cfg.head_dim, cfg.rope_theta)  # 2 x (N, K/2), N = t*h*w row-major
-    temporal = None
-    if cfg.attention_layout is AttentionLayout.FACTORIZED:
-        cos, sin = cos.reshape(t, h * w, -1), sin.reshape(t, h * w, -1)  # 2 x (t, h*w, K/2)
-        # Frame 0 has temporal angle 0, so its rows are the pure (h, w) table; location (0, 0) has zero
-        # spatial angles, so its column is the pure temporal table.
-        temporal = (cos[:, 0], sin[:, 0])  # 2 x (t, K/2)
-        cos, sin = cos[0], sin[0]  # 2 x (h*w, K/2)
-    keys = (cos, sin)
-    if cfg.text_attention is TextAttention.JOINT:
-        pad = ((0, text_len), (0, 0))
-        keys = (jnp.pad(cos, pad, constant_values=1.0), jnp.pad(sin, pad))  # 2 x (n + L, K/2)
-    return RopeTables((cos, sin), keys, temporal)
 
 
 class TextKV(nnx.Module):
@@ -200,7 +185,7 @@ class TextKV(nnx.Module):
 
 def joint_attention(attn: WanAttention, x: jax.Array, text_kv: tuple[jax.Array, jax.Array], rope: RopeTables,
                     kv_mask: jax.Array | None) -> jax.Array:
-    """Self-attention of x (S, n, D) over keys/values [x; text] (S, n + L, D); kv_mask (S, n + L) or None."""
+    """Self-attention of x (S, n, D) over keys/values [x; text] (S, n + L, D); kv_mask (S, n|1, n + L) or None."""
     q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)  # 3 x (S, n, D)
     if attn.norm_q is not None:
         q, k = attn.norm_q(q), attn.norm_k(k)
@@ -274,47 +259,45 @@ class DiTBlock(nnx.Module):
         attn_kw.pop("impl"), attn_kw.pop("context_parallel")
         self.text_kv = None if cross else TextKV(d, **attn_kw)
 
-    def __call__(self, x: jax.Array, context: jax.Array, modulation: jax.Array, rope: RopeTables,
-                 context_mask: jax.Array | None) -> jax.Array:
-        """x (B, N, D), context (B, L, D), modulation (B, 6, D) float32, context_mask (B, L) -> (B, N, D)."""
+    def __call__(self, x: jax.Array, inputs: BlockInputs) -> jax.Array:
+        """x (B, N, D) and the shared `BlockInputs` (text, per-query text mask, modulation, RoPE) -> (B, N, D)."""
         x = shard(x, ACT_BND)
         f32 = jnp.float32
+        modulation = inputs.modulation  # (B, 6, D)
         mod = self.scale_shift_table[...] + modulation  # (B, 6, D)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = jnp.split(mod, 6, axis=1)  # 6 x (B, 1, D)
 
         h = (self.norm1(x.astype(f32)) * (1 + scale_sa) + shift_sa).astype(x.dtype)
-        x = (x.astype(f32) + self.self_attention(h, context, rope, context_mask) * gate_sa).astype(x.dtype)
+        x = (x.astype(f32) + self.self_attention(h, inputs) * gate_sa).astype(x.dtype)
 
         if self.attn_t is not None:
             mod_t = self.scale_shift_table_t[...] + modulation[:, :3]  # (B, 3, D): offsets on the same time signal
             shift_t, scale_t, gate_t = jnp.split(mod_t, 3, axis=1)  # 3 x (B, 1, D)
             h = (self.norm1(x.astype(f32)) * (1 + scale_t) + shift_t).astype(x.dtype)
-            x = (x.astype(f32) + self.temporal_attention(h, rope) * gate_t).astype(x.dtype)
+            x = (x.astype(f32) + self.temporal_attention(h, inputs.rope) * gate_t).astype(x.dtype)
 
         if self.attn2 is not None:
             h = x if self.norm2 is None else self.norm2(x.astype(f32)).astype(x.dtype)
-            x = x + self.attn2(h, context, kv_mask=context_mask)
+            x = x + self.attn2(h, inputs.context, kv_mask=inputs.context_mask)  # mask (B, N|1, L) per query
 
         h = (self.norm3(x.astype(f32)) * (1 + scale_ff) + shift_ff).astype(x.dtype)
         x = (x.astype(f32) + self.ffn(h).astype(f32) * gate_ff).astype(x.dtype)
         return shard(x, ACT_BND)
 
-    def self_attention(self, h: jax.Array, context: jax.Array, rope: RopeTables, context_mask) -> jax.Array:
+    def self_attention(self, h: jax.Array, inputs: BlockInputs) -> jax.Array:
         """The first self-attention of (B, N, D): over the clip (JOINT_3D) or within each frame (FACTORIZED)."""
+        rope = inputs.rope
         if self.attn_t is None and self.text_kv is None:
             return self.attn1(h, rope=rope.q)  # Wan 2.1
         b, n, d = h.shape
-        hw = rope.q[0].shape[0]  # tokens per attended sequence: N (JOINT_3D) or h*w (FACTORIZED)
+        hw = rope.q[0].shape[-2]  # tokens per attended sequence: N (JOINT_3D) or h*w (FACTORIZED)
         frames = n // hw  # 1 (JOINT_3D) or t (FACTORIZED)
         h = h.reshape(b * frames, hw, d)  # (B*t, h*w, D); token order is (t, h, w) row-major
         if self.text_kv is None:
             out = self.attn1(h, rope=rope.q)
         else:
-            text_kv = [jnp.repeat(a, frames, axis=0) for a in self.text_kv(context)]  # 2 x (B*t, L, D)
-            kv_mask = None
-            if context_mask is not None:
-                text_mask = jnp.repeat(context_mask.astype(bool), frames, axis=0)  # (B*t, L)
-                kv_mask = jnp.concatenate([jnp.ones((b * frames, hw), bool), text_mask], axis=1)  # (B*t, h*w + L)
+            text_kv = [jnp.repeat(a, frames, axis=0) for a in self.text_kv(inputs.context)]  # 2 x (B*t, L, D)
+            kv_mask = joint_kv_mask(inputs.context_mask, frames, hw)  # (B*t, h*w|1, h*w + L) or None
             out = joint_attention(self.attn1, h, text_kv, rope, kv_mask)
         return out.reshape(b, n, d)  # (B, N, D)
 
@@ -343,7 +326,7 @@ def _stacked_blocks(cfg: DiTConfig, rngs: nnx.Rngs) -> DiTBlock:
 
 
 class WanDiT(nnx.Module):
-    """Velocity model: latents (B, t, h, w, C_in), timesteps (B,) in [0, 1000], text (B, L, text_dim)."""
+    """Velocity model: latents (B, t, h, w, C_in), timesteps (B,) in [0, 1000], `Conditions` (text, ...)."""
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -356,58 +339,66 @@ class WanDiT(nnx.Module):
         init = logical(table_init, (None, None, "embed"))
         self.scale_shift_table = nnx.Param(init(rngs.params(), (1, 2, d), jnp.float32))
 
-    def __call__(
-        self,
-        latents: jax.Array,
-        timesteps: jax.Array,
-        context: jax.Array,
-        context_mask: jax.Array | None = None,
-    ) -> jax.Array:
-        """Predict velocity (B, t, h, w, C_out); context_mask (B, L) True for real text tokens."""
+    def __call__(self, latents: jax.Array, timesteps: jax.Array, cond: Conditions) -> jax.Array:
+        """Predict velocity (B, t, h, w, C_out) of `latents` at `timesteps` (B,) given the conditions `cond`."""
         cfg = self.cfg
         check_patchable(latents.shape, cfg.patch_size)
-        if latents.shape[-1] != cfg.in_channels or context.shape[-1] != cfg.text_dim:
+        grid = tuple(s // p for s, p in zip(latents.shape[1:4], cfg.patch_size))
+        cfg.conditions.validate(cond, num_tokens=math.prod(grid))
+        if latents.shape[-1] != cfg.in_channels or cond.text.shape[-1] != cfg.text_dim:
             raise ValueError(
-                f"expected latents (..., {cfg.in_channels}) and context (..., {cfg.text_dim}); "
-                f"got {latents.shape} and {context.shape}"
+                f"expected latents (..., {cfg.in_channels}) and Conditions.text (..., {cfg.text_dim}); "
+                f"got {latents.shape} and {cond.text.shape}"
             )
+        if cond.positions is not None and cfg.attention_layout is AttentionLayout.FACTORIZED:
+            raise ValueError(FACTORIZED_POSITIONS_ERROR)
         non_default = (cfg.attention_layout, cfg.text_attention) != (AttentionLayout.JOINT_3D, TextAttention.CROSS)
         if non_default and context_parallel_enabled(jax.sharding.get_abstract_mesh(), current_rules()):
             raise ValueError(
                 f"context parallelism (mesh 'context' axis > 1) supports only attention_layout=joint_3d with "
                 f"text_attention=cross; got {cfg.attention_layout.value} / {cfg.text_attention.value}: "
                 "set mesh.context=1 or the default attention switches")
-        grid = tuple(s // p for s, p in zip(latents.shape[1:4], cfg.patch_size))
         x = shard(self.patch_embedding(latents), ACT_BND)  # (B, N, D)
-        temb, modulation, context = self.condition_embedder(timesteps, context.astype(cfg.dtype))
-        rope = block_rope(grid, cfg, context.shape[1])  # tables per self-attention, see RopeTables
-        x = self._run_blocks(x, context, modulation, rope, context_mask)
+        temb, inputs = self.block_inputs(timesteps, cond, grid)
+        x = self._run_blocks(x, inputs)
 
         shift, scale = jnp.split(self.scale_shift_table[...] + temb[:, None, :], 2, axis=1)  # 2 x (B, 1, D)
         x = (self.norm_out(x.astype(jnp.float32)) * (1 + scale) + shift).astype(x.dtype)
         x = self.proj_out(x)  # (B, N, pt*ph*pw*C_out)
         return unpatchify(x, grid, cfg.patch_size)  # (B, t, h, w, C_out)
 
-    def _run_blocks(self, x, context, modulation, rope, context_mask) -> jax.Array:
+    def block_inputs(self, timesteps: jax.Array, cond: Conditions,
+                     grid: tuple[int, int, int]) -> tuple[jax.Array, BlockInputs]:
+        """The condition step: timesteps (B,) + `cond` on a (t, h, w) token grid -> temb (B, D), `BlockInputs`.
+
+        With `ConditionSpec()` this is Wan's condition embedder and 3D RoPE; later conditions add their
+        zero-initialised adapters here and fill more `BlockInputs` fields, never the blocks' signature.
+        """
+        cfg = self.cfg
+        temb, modulation, context = self.condition_embedder(timesteps, cond.text.astype(cfg.dtype))
+        factorized = cfg.attention_layout is AttentionLayout.FACTORIZED
+        text_len = context.shape[1] if cfg.text_attention is TextAttention.JOINT else None  # JOINT: text keys
+        rope = block_rope(grid, cfg.head_dim, cfg.rope_theta, factorized=factorized, text_len=text_len,
+                          positions=cond.positions)  # tables per self-attention, see RopeTables
+        mask = None if cond.text_mask is None else cond.text_mask.astype(bool)[:, None, :]  # (B, 1, L): all queries
+        return temb, BlockInputs(context, mask, modulation, rope)
+
+    def _run_blocks(self, x: jax.Array, inputs: BlockInputs) -> jax.Array:
         """Apply the stacked blocks with `nnx.scan` or a Python loop; both run the same (rematted) step."""
         cfg = self.cfg
 
-        def step(block: DiTBlock, x: jax.Array, context, modulation, rope, context_mask) -> jax.Array:
-            return block(x, context, modulation, rope, context_mask)
+        def step(block: DiTBlock, x: jax.Array, inputs: BlockInputs) -> jax.Array:
+            return block(x, inputs)
 
         if cfg.remat is not RematPolicy.NONE:
             step = nnx.remat(step, policy=_CHECKPOINT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-        extras = (context, modulation, rope, context_mask)
         if cfg.scan_layers:
-            scan = nnx.scan(
-                step,
-                in_axes=(0, nnx.Carry, None, None, None, None),
-                out_axes=nnx.Carry,
-                transform_metadata={nnx.PARTITION_NAME: "layers"},
-            )
-            return scan(self.blocks, x, *extras)
+            # `inputs` is one broadcast argument: adding a condition never changes these axes.
+            scan = nnx.scan(step, in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry,
+                            transform_metadata={nnx.PARTITION_NAME: "layers"})
+            return scan(self.blocks, x, inputs)
         graphdef, stacked = nnx.split(self.blocks)
         for i in range(cfg.num_layers):
             block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
-            x = step(block, x, *extras)
+            x = step(block, x, inputs)
         return x

@@ -24,8 +24,8 @@ import numpy as np
 from flax import nnx
 
 from klingjax.data.tokenizer import SentencePieceTokenizer
+from klingjax.models.frozen_text import FrozenTextEncoder
 from klingjax.models.layers.norms import RMSNorm
-from klingjax.models.text_encoders import FrozenTextEncoder
 
 WEIGHTS, INDEX, CONFIG, SPIECE = "model.safetensors", "model.safetensors.index.json", "config.json", "spiece.model"
 _USER_SUPPLIED = ("No T5/umT5 weights ship with klingjax: supply a transformers UMT5EncoderModel folder yourself "

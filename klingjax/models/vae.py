@@ -95,6 +95,17 @@ VAE_VARIANTS: dict[str, VAEConfig] = {
 }
 
 
+def vae_config(variant: str, **overrides) -> VAEConfig:
+    """A variant from `VAE_VARIANTS` with fields replaced by `overrides` (lists become tuples)."""
+    if variant not in VAE_VARIANTS:
+        raise ValueError(f"unknown VAE variant {variant!r}; choose one of {sorted(VAE_VARIANTS)}")
+    fields = {f.name for f in dataclasses.fields(VAEConfig)}
+    if unknown := sorted(set(overrides) - fields):
+        raise ValueError(f"unknown VAE field(s) {unknown}; valid fields: {sorted(fields)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return dataclasses.replace(VAE_VARIANTS[variant], **values)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Encoder and decoder
 # ---------------------------------------------------------------------------------------------------------

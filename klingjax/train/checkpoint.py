@@ -1,7 +1,13 @@
-"""Orbax checkpoints of `{state, data_iter}`: async, atomic, keep-N, restored into sharded abstract state."""
+"""Orbax checkpoints of `{state, data_iter}`: async, atomic, keep-N, restored into sharded abstract state.
+
+Also: finding a stage's checkpoints on disk (`find_checkpoints`) and the params-only restore of a model or its
+EMA (`restore_params`, `restore_model`) that sampling, export and `init_from` use: it reads the `model` (or
+`ema`) subtree alone into an abstract model, so no optimizer state is ever allocated.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,7 +21,79 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from klingjax.sharding.rules import Rules
+from klingjax.train.state import state_shardings
+
 _SAVE_ARGS = ocp.SaveArgs(chunk_byte_size=256 * 2**20)  # at most 256 MiB per stored chunk
+STAGES = ("dit", "vae")
+
+
+class ArchitectureError(ValueError):
+    """The checkpoint's parameters do not fit the model its config describes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCheckpoint:
+    """One stage's checkpoint at one step."""
+
+    stage: str  # "dit" | "vae"
+    directory: str  # <workdir>/<stage>/checkpoints
+    step: int
+
+    @property
+    def state_dir(self) -> str:
+        return os.path.join(self.directory, str(self.step), "state")
+
+
+def list_steps(directory: str) -> list[int]:
+    """Finished checkpoint steps in an Orbax manager directory (temporary, half-written ones are skipped)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(d) for d in os.listdir(directory)
+                  if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state")))
+
+
+def _pick_step(stage: str, directory: str, step: int | None) -> StageCheckpoint:
+    steps = list_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"no finished checkpoint in {directory}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"{stage}: no checkpoint for step {step} in {directory}; available steps: {steps}")
+    return StageCheckpoint(stage, directory, step)
+
+
+def find_checkpoints(path: str, step: int | None = None) -> tuple[str, list[StageCheckpoint]]:
+    """(workdir, checkpoints) for a workdir, a stage dir, its `checkpoints/` dir or one step's dir.
+
+    A workdir yields every stage it has (DiT first); `step` then selects the DiT's step, the VAE uses its latest.
+    """
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints")):
+        found = [s for s in STAGES if os.path.isdir(os.path.join(path, s, "checkpoints"))]
+        if not found:
+            raise FileNotFoundError(f"workdir {path} has no {' or '.join(STAGES)} checkpoints")
+        picks = [_pick_step(s, os.path.join(path, s, "checkpoints"), step if s == "dit" else None) for s in found]
+        return path, picks
+    base = os.path.basename(path)
+    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):  # one step's directory
+        if step is not None and step != int(base):
+            raise ValueError(f"--step {step} contradicts the step directory {path}")
+        step, path = int(base), os.path.dirname(path)
+        base = os.path.basename(path)
+    if base != "checkpoints":
+        path = os.path.join(path, "checkpoints")
+    stage = os.path.basename(os.path.dirname(path))
+    if stage not in STAGES:
+        raise ValueError(f"cannot tell which model {path} holds: stage directories are named {STAGES}")
+    workdir = os.path.dirname(os.path.dirname(path))
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise FileNotFoundError(f"{workdir}/config.json is missing: the model architecture is read from it")
+    return workdir, [_pick_step(stage, path, step)]
+
 
 
 class Checkpointer:
@@ -65,10 +143,6 @@ class Checkpointer:
         )
         return restored["state"], dict(restored["data_iter"] or {})
 
-    def restore_params(self, step: int | None, abstract_state: nnx.State) -> nnx.State:
-        """Restore only the state (e.g. a trained model for sampling), ignoring the data iterator."""
-        return self.restore(step, abstract_state)[0]
-
     def wait(self) -> None:
         self._mngr.wait_until_finished()
 
@@ -111,6 +185,51 @@ def local_iterator_state(saved: dict[str, Any]) -> dict[str, Any] | None:
 def abstract_with_shardings(abstract_state: nnx.State, shardings: nnx.State) -> nnx.State:
     """ShapeDtypeStructs carrying the target shardings, for restoring straight onto the mesh."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Params-only restore
+# ---------------------------------------------------------------------------------------------------------
+
+
+def restore_params(checkpoint: str, abstract_model: nnx.Module, *, step: int | None = None, use_ema: bool = False,
+                   shardings: nnx.State | None = None) -> nnx.State:
+    """The model (or EMA) params of a stage checkpoint as an `nnx.State`, without optimiser or data state.
+
+    `checkpoint` is a stage dir (`<workdir>/dit`), its `checkpoints/` dir or one step's dir, written by the train
+    loop or by `klingjax-import`. `abstract_model` fixes the expected structure (`nnx.eval_shape` of the model);
+    `shardings` (same structure, NamedShardings) places the arrays on a mesh. Raises ArchitectureError when
+    shapes differ.
+    """
+    _, (ckpt,) = find_checkpoints(checkpoint, step)
+    abstract = nnx.state(abstract_model)
+    if shardings is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda a: one, abstract)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    key = "ema" if use_ema else "model"
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            ckpt.state_dir,
+            args=ocp.args.PyTreeRestore(item={key: target}, restore_args={key: restore_args}, partial_restore=True),
+        )
+    except ValueError as e:
+        raise ArchitectureError(f"{ckpt.state_dir} does not fit the given model: {e}") from e
+    return restored[key]
+
+
+def restore_model(make_model, checkpoint: str, *, mesh: jax.sharding.Mesh, rules: Rules, use_ema: bool = True,
+                  step: int | None = None) -> nnx.Module:
+    """A trained model (its EMA by default) built abstractly, sharded by `rules` on `mesh`, params restored.
+
+    `make_model(rngs) -> nnx.Module`. Only the model's own params are allocated: no optimizer, no second copy.
+    """
+    abstract = nnx.eval_shape(lambda: make_model(nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+    params = restore_params(checkpoint, abstract, step=step, use_ema=use_ema, shardings=shardings)
+    return nnx.merge(graphdef, params)
 
 
 class PreemptionGuard:

@@ -24,18 +24,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from klingjax import layout
 from klingjax.config import ConfigError, ExperimentConfig
-from klingjax.models.dit import DIT_VARIANTS, DiTConfig, dit_config
+from klingjax.models.conditions import Conditions
+from klingjax.models.dit import DiTConfig, dit_config
 from klingjax.sharding.mesh import make_mesh, resolve_mesh_shape
 from klingjax.sharding.rules import DIT_RULES, MESH_AXES, get_rules
 from klingjax.train import stages
+from klingjax.train.batch import LatentBatch
 from klingjax.train.checkpoint import abstract_with_shardings
 from klingjax.train.optim import make_optimizer
 from klingjax.train.state import Trainer, param_count, state_shardings
 from klingjax.train.step import batch_sharding, compile_train_step, make_train_step
 
 # Set by the stage from the VAE and the text encoder; the dry run cannot take them as DiT overrides.
-_TIED_FIELDS = ("in_channels", "out_channels", "text_dim")
 _MEMORY_FIELDS = ("argument", "output", "temp", "alias", "generated_code")
 _PART_ORDER = ("model", "optimizer", "ema")
 
@@ -49,7 +51,7 @@ class DryRunReport:
     model: DiTConfig
     mesh: dict[str, int]
     platform: str
-    batch: dict[str, tuple[tuple[int, ...], str]]  # array key -> (global shape, dtype)
+    batch: dict[str, tuple[tuple[int, ...], str]]  # batch leaf ("latent", "cond.text", ...) -> (global shape, dtype)
     tokens_per_clip: int
     param_count: int
     state_total: dict[str, int]  # model / optimizer / ema bytes over the whole mesh
@@ -67,15 +69,7 @@ class DryRunReport:
 def check_dit_stage(exp: ExperimentConfig, num_devices: int) -> tuple[DiTConfig, tuple[int, int, int, int]]:
     """The DiT variant + overrides and one clip's latent grid (t, h, w, c); ConfigError names a bad key."""
     cfg = exp.dit
-    if cfg.variant not in DIT_VARIANTS:
-        raise ConfigError(f"config key 'dit.variant': unknown {cfg.variant!r}; choose from {sorted(DIT_VARIANTS)}")
-    for key in _TIED_FIELDS:
-        if key in cfg.model_overrides:
-            raise ConfigError(f"config key 'dit.model_overrides.{key}': set by the stage (VAE z_dim / text encoder)")
-    try:
-        model = dit_config(cfg.variant, **cfg.model_overrides)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config key 'dit.model_overrides': {e}") from None
+    model = dit_config(cfg.variant, **cfg.model_overrides)  # variant and overrides: validated by to_experiment
     if cfg.sharding not in DIT_RULES:
         raise ConfigError(f"config key 'dit.sharding': unknown preset {cfg.sharding!r}; "
                           f"choose from {sorted(DIT_RULES)}")
@@ -89,7 +83,7 @@ def check_dit_stage(exp: ExperimentConfig, num_devices: int) -> tuple[DiTConfig,
     if exp.text_max_len < 1:
         raise ConfigError(f"config key 'text_max_len': must be >= 1, got {exp.text_max_len}")
     try:
-        grid = stages.latent_grid(exp)  # (t, h, w, c)
+        grid = layout.latent_grid(exp)  # (t, h, w, c)
     except (TypeError, ValueError) as e:  # vae.variant errors already name their key
         msg = str(e) if str(e).startswith("config key") else f"config key 'vae.model_overrides': {e}"
         raise ConfigError(msg) from None
@@ -124,7 +118,7 @@ def dry_run(exp: ExperimentConfig, devices: list[jax.Device] | None = None) -> D
     """Build the DiT stage abstractly on the configured mesh, lower and compile its train step, measure it."""
     devices = list(devices) if devices is not None else jax.devices()
     text_dim = check_dit_stage(exp, len(devices))[0].text_dim
-    model_cfg, grid = stages.dit_model_config(exp, text_dim), stages.latent_grid(exp)  # what the stage builds
+    model_cfg, grid = layout.dit_model_config(exp, text_dim), layout.latent_grid(exp)  # what the stage builds
     mesh = make_mesh(exp.mesh.sizes, devices)
     rules = get_rules(exp.dit.sharding, "dit")
     seq, b = exp.text_max_len, exp.dit.batch_size
@@ -137,16 +131,13 @@ def dry_run(exp: ExperimentConfig, devices: list[jax.Device] | None = None) -> D
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Trainer(spec.make_model(nnx.Rngs(exp.seed)), tx)))
     shardings = state_shardings(abstract, mesh, rules)
     state = abstract_with_shardings(abstract, shardings)
-    shapes = {"latent": ((b, *grid), jnp.float32), "text": ((b, seq, text_dim), jnp.float32),
-              "text_mask": ((b, seq), jnp.bool_)}
-    if missing := sorted(set(spec.array_keys) - set(shapes)):
-        raise ValueError(f"dry run: the DiT stage reads batch entries {missing} that the dry run has no shape for")
-    batch = {k: jax.ShapeDtypeStruct(*shapes[k], sharding=batch_sharding(mesh)) for k in spec.array_keys}
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh))
+    cond = Conditions(text=sds((b, seq, text_dim), jnp.float32), text_mask=sds((b, seq), jnp.bool_))
+    batch = LatentBatch(latent=sds((b, *grid), jnp.float32), cond=cond)
     key = jax.eval_shape(lambda: jax.random.key(exp.seed))
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        train_step = make_train_step(graphdef, spec.loss_fn, ema_decay=exp.dit.optim.ema_decay,
-                                     context=spec.loss_context)
+        train_step = make_train_step(graphdef, spec.loss_fn, ema_decay=exp.dit.optim.ema_decay)
         t0 = time.perf_counter()
         lowered = compile_train_step(train_step, shardings, mesh).lower(state, batch, key)
         t1 = time.perf_counter()
@@ -158,7 +149,8 @@ def dry_run(exp: ExperimentConfig, devices: list[jax.Device] | None = None) -> D
     return DryRunReport(
         experiment=exp.name, variant=exp.dit.variant, model=model_cfg,
         mesh=dict(mesh.shape), platform=devices[0].platform,
-        batch={k: (v.shape, str(v.dtype)) for k, v in batch.items()}, tokens_per_clip=t * h * w,
+        batch={jax.tree_util.keystr(path, simple=True, separator="."): (v.shape, str(v.dtype))
+               for path, v in jax.tree_util.tree_leaves_with_path(batch)}, tokens_per_clip=t * h * w,
         param_count=param_count(abstract), state_total=total, state_per_device=per_device, memory=_memory(compiled),
         lower_seconds=t1 - t0, compile_seconds=t2 - t1,
     )

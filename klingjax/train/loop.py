@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -12,24 +11,43 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from klingjax.config import StageConfig
+from klingjax.layout import checkpoint_dir, stage_dir
 from klingjax.sharding.rules import get_rules
+from klingjax.train.batch import global_batch
 from klingjax.train.checkpoint import (
     Checkpointer,
     PreemptionGuard,
     abstract_with_shardings,
     gather_iterator_states,
     local_iterator_state,
+    restore_params,
 )
 from klingjax.train.metrics import MetricWriter
-from klingjax.train.optim import learning_rate_schedule, make_disc_optimizer, make_optimizer
+from klingjax.train.optim import learning_rate_schedule, make_optimizer
 from klingjax.train.state import create_trainer, param_count
-from klingjax.train.step import ContextLossFn, LossFn, batch_sharding, compile_train_step, make_train_step
+from klingjax.train.step import LossFn, PlayerUpdate, batch_sharding, compile_train_step, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Player:
+    """A second model trained beside the stage's model (the VAE's discriminator), on the same loss.
+
+    It lives in the trainer as `disc` + `disc_optimizer` (top-level checkpoint keys beside model/optimizer/ema,
+    which stay exactly the model's); the stage's `update` applies its gradients (e.g. only from a start step).
+    """
+
+    make: Callable[[nnx.Rngs], nnx.Module]
+    tx: optax.GradientTransformation
+    update: PlayerUpdate
+    name: str = "discriminator"
+    start: int = 0  # optimizer step from which `update` applies its gradients (for the log line)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,46 +57,32 @@ class StageSpec:
     name: str  # "vae" | "dit"; also the sub-directory of the workdir
     rules_kind: str  # which rule table: "vae" | "dit"
     make_model: Callable[[nnx.Rngs], nnx.Module]
-    loss_fn: LossFn | ContextLossFn  # the second form when `loss_context`
-    # (per_host_batch, seed, process_index, process_count) -> grain.IterDataset of numpy batches
+    loss_fn: LossFn  # loss_fn(model, batch, key, ctx) -> (loss, metrics)
+    # (per_host_batch, seed, process_index, process_count) -> grain.IterDataset of numpy example dicts
     make_dataset: Callable[[int, int, int, int], grain.IterDataset]
-    array_keys: tuple[str, ...]  # batch entries the step consumes
+    to_batch: Callable[[Mapping[str, np.ndarray]], Any]  # a host's numpy example dict -> the typed batch pytree
     # (ema_model, step, out_dir) -> dict of scalar metrics, run on every host (sampling is collective)
     on_sample: Callable[[nnx.Module, int, str], Mapping[str, float]] | None = None
-    loss_context: bool = False  # loss_fn(model, batch, key, LossContext) instead of loss_fn(model, batch, key)
-    # A discriminator trained next to the model (top-level `disc` + `disc_optimizer` in the checkpoint) from
-    # optimizer step `cfg.disc_start` at `cfg.disc_lr`; the model, its EMA and their checkpoint keys are unchanged.
-    make_disc: Callable[[nnx.Rngs], nnx.Module] | None = None
+    player: Player | None = None
     # () -> pytree of frozen arrays the loss reads as ctx.frozen (LPIPS weights): loaded once, replicated, passed
     # to the jitted step as an argument (constants would be folded into the program); never trained or saved.
     frozen: Callable[[], Any] | None = None
 
 
-def stage_dir(workdir: str, name: str) -> str:
-    return os.path.join(workdir, name)
-
-
-def _global_batch(local: Mapping[str, np.ndarray], keys: tuple[str, ...], sharding) -> dict[str, jax.Array]:
-    """Host-local numpy batches -> global arrays split over the batch axes of the mesh."""
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k])) for k in keys}
-
-
-def _fingerprint(local: Mapping[str, np.ndarray], key: str) -> int:
-    """A cheap checksum of the host's batch: equal fingerprints mean the same data order."""
-    return zlib.adler32(np.ascontiguousarray(local[key]).tobytes()[:1 << 16])
+def _fingerprint(local: Any) -> int:
+    """A cheap checksum of the host's batch (its first leaf): equal fingerprints mean the same data order."""
+    return zlib.adler32(np.ascontiguousarray(jax.tree.leaves(local)[0]).tobytes()[:1 << 16])
 
 
 def _create_trainer(spec: StageSpec, cfg: StageConfig, mesh: jax.sharding.Mesh, rules, seed: int):
     """The stage's sharded trainer (with its discriminator, if the stage has one)."""
-    disc_tx = make_disc_optimizer(cfg) if spec.make_disc else None
+    player = spec.player
     return create_trainer(spec.make_model, make_optimizer(cfg.optim, cfg.steps), mesh, rules, seed,
-                          make_disc=spec.make_disc, disc_tx=disc_tx)
+                          make_disc=player.make if player else None, disc_tx=player.tx if player else None)
 
 
 def _init_from(st, state: nnx.State, cfg: StageConfig) -> nnx.State:
     """`state` with model and EMA params replaced by those of the checkpoint `cfg.init_from` (fresh optimiser)."""
-    from klingjax.export.importer import restore_params
-
     abstract_model = nnx.merge(st.graphdef, st.abstract_state).model
     params = restore_params(cfg.init_from, abstract_model, use_ema=cfg.init_from_ema,
                             shardings=st.shardings["model"])
@@ -110,16 +114,16 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
     # --- State (abstract first, then initialised onto the mesh) ------------------------------------
     st = _create_trainer(spec, cfg, mesh, rules, seed)
     logging.info("%s: %s params", spec.name, f"{param_count(st.state):,}")
-    if spec.make_disc:
-        logging.info("%s: discriminator %s params, trains from step %d", spec.name,
-                     f"{param_count(st.state, 'disc'):,}", cfg.disc_start)
+    if spec.player:
+        logging.info("%s: %s %s params, trains from step %d", spec.name, spec.player.name,
+                     f"{param_count(st.state, 'disc'):,}", spec.player.start)
     frozen = None
     if spec.frozen:
         frozen = jax.device_put(spec.frozen(), NamedSharding(mesh, PartitionSpec()))
     extra = () if frozen is None else (frozen,)
 
     # --- Restore -----------------------------------------------------------------------------------
-    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints)
+    ckpt = Checkpointer(checkpoint_dir(workdir, spec.name), keep=cfg.keep_checkpoints)
     state, start = st.state, 0
     if (latest := ckpt.latest_step()) is not None:
         state, iter_state = ckpt.restore(latest, abstract_with_shardings(st.abstract_state, st.shardings))
@@ -138,10 +142,10 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
     # --- Compile step 0 ahead of time, log memory --------------------------------------------------
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         train_step = make_train_step(st.graphdef, spec.loss_fn, ema_decay=cfg.optim.ema_decay,
-                                     context=spec.loss_context, disc_start=cfg.disc_start, frozen=bool(extra))
+                                     player_update=spec.player.update if spec.player else None, frozen=bool(extra))
         step_fn = compile_train_step(train_step, st.shardings, mesh, frozen=bool(extra))
         local = next(data_iter)
-        batch = _global_batch(local, spec.array_keys, batch_sharding(mesh))
+        batch = global_batch(spec.to_batch(local), batch_sharding(mesh))
         base_key = jax.random.key(seed)
         t0 = time.time()
         compiled = step_fn.lower(state, batch, base_key, *extra).compile()
@@ -158,8 +162,9 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
         while step < cfg.steps:
             local = pending if pending is not None else next(data_iter)
             pending = None
-            batch = _global_batch(local, spec.array_keys, batch_sharding(mesh))
-            fingerprint = _fingerprint(local, spec.array_keys[0])
+            host_batch = spec.to_batch(local)
+            batch = global_batch(host_batch, batch_sharding(mesh))
+            fingerprint = _fingerprint(host_batch)
             state, metrics = compiled(state, batch, base_key, *extra)  # async dispatch: the next load overlaps
             step, ran = step + 1, ran + 1
             bar.update(1)
@@ -189,17 +194,3 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
     writer.close()
     summary.update(step=step, finished=step >= cfg.steps)
     return summary
-
-
-def load_trained(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sharding.Mesh, seed: int,
-                 use_ema: bool = True) -> nnx.Module:
-    """Restore a stage's latest checkpoint and return its (EMA) model, sharded on the mesh."""
-    rules = get_rules(cfg.sharding, spec.rules_kind)
-    st = _create_trainer(spec, cfg, mesh, rules, seed)
-    ckpt = Checkpointer(os.path.join(stage_dir(workdir, spec.name), "checkpoints"), keep=cfg.keep_checkpoints)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"stage {spec.name!r} has no checkpoint under {workdir}: run it first")
-    state = ckpt.restore_params(None, abstract_with_shardings(st.abstract_state, st.shardings))
-    ckpt.close()
-    trainer = nnx.merge(st.graphdef, state)
-    return trainer.ema if use_ema else trainer.model

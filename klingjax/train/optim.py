@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import optax
 
-from klingjax.config import OptimConfig, StageConfig
+from klingjax.config import OptimConfig, VAEStageConfig
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -34,14 +34,14 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     )
 
 
-def make_disc_optimizer(cfg: StageConfig) -> optax.GradientTransformation:
-    """The discriminator's optimiser: the stage's, at `disc_lr` (0: the stage's lr), counting its own steps.
+def make_disc_optimizer(cfg: VAEStageConfig) -> optax.GradientTransformation:
+    """The discriminator's optimiser: the stage's, at `disc.lr` (0: the stage's lr), counting its own steps.
 
-    The train step leaves the discriminator (and this optimiser's state) untouched before `disc_start`, so its
-    warmup and decay run over the `steps - disc_start` steps it trains.
+    The VAE stage leaves the discriminator (and this optimiser's state) untouched before `disc.start`, so its
+    warmup and decay run over the `steps - disc.start` steps it trains.
     """
-    optim = dataclasses.replace(cfg.optim, lr=cfg.disc_lr or cfg.optim.lr)
-    return make_optimizer(optim, max(1, cfg.steps - cfg.disc_start))
+    optim = dataclasses.replace(cfg.optim, lr=cfg.disc.lr or cfg.optim.lr)
+    return make_optimizer(optim, max(1, cfg.steps - cfg.disc.start))
 
 
 def _ndim_mask(params):

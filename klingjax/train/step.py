@@ -1,19 +1,18 @@
 """The train step: a pure function `(state, batch, key[, frozen]) -> (state, metrics)` compiled with explicit shardings.
 
-Two loss signatures:
-  * `loss_fn(model, batch, key) -> (loss, metrics)`: the DiT stage;
-  * `loss_fn(model, batch, key, ctx: LossContext) -> (loss, metrics)` (`make_train_step(..., context=True)`):
-    the loss also sees the optimizer step, frozen arrays passed to the step as jit arguments (LPIPS weights),
-    and the trainer's discriminator, if it has one.
-With a discriminator the returned scalar is differentiated w.r.t. the model and the discriminator together: the
-loss must stop gradients so that each player's part reaches only its own parameters (`vae_losses.vae_loss`),
-and it reports the model's own objective as `metrics["loss"]`.
+Every stage's loss has one signature, `loss_fn(model, batch, key, ctx: LossContext) -> (loss, metrics)`: the
+context carries the optimizer step, frozen arrays passed to the step as jit arguments (LPIPS weights) and the
+trainer's second player (the VAE stage's discriminator), if it has one. With a second player the returned scalar is
+differentiated w.r.t. the model and that player together, and the stage's `player_update(trainer, grads, step)`
+applies the player's gradients (the VAE stage gates its discriminator by a start step: `vae_losses.disc_update`).
+Such a loss must stop gradients so that each player's part reaches only its own parameters, and it reports the
+model's own objective as `metrics["loss"]`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -23,9 +22,6 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from klingjax.train.state import Trainer
-
-# loss_fn(model, batch, key) -> (scalar loss, dict of scalar metrics)
-LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,50 +39,35 @@ def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def _gated(active: jax.Array, new: nnx.State, old: nnx.State) -> nnx.State:
-    """`new` where `active`, else `old`, leaf by leaf."""
-    return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, old)
-
-
 # loss_fn(model, batch, key, ctx) -> (scalar loss, dict of scalar metrics)
-ContextLossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array, LossContext],
-                         tuple[jax.Array, dict[str, jax.Array]]]
+LossFn = Callable[[nnx.Module, Any, jax.Array, LossContext], tuple[jax.Array, dict[str, jax.Array]]]
+# player_update(trainer, player grads, step) -> dict of scalar metrics; applies the second player's update
+PlayerUpdate = Callable[[Trainer, nnx.State, jax.Array], dict[str, jax.Array]]
 
 
-def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn | ContextLossFn, *, ema_decay: float, context: bool = False,
-                    disc_start: int = 0, frozen: bool = False):
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, *, ema_decay: float,
+                    player_update: PlayerUpdate | None = None, frozen: bool = False):
     """Return the pure step; randomness is fold_in(base_key, step) so a resumed run draws the same noise.
 
-    `context`: call `loss_fn(model, batch, key, LossContext)`. `frozen`: the step takes a 4th argument, the
-    frozen pytree, handed to the loss as `ctx.frozen`. A trainer with a discriminator updates it from
-    optimizer step `disc_start` on; before that its params and optimizer state stay exactly as initialised.
+    `frozen`: the step takes a 4th argument, the frozen pytree, handed to the loss as `ctx.frozen`. A trainer
+    with a second player (`disc`) needs `player_update`, which applies that player's gradients.
     """
-    if frozen and not context:
-        raise ValueError("make_train_step: frozen arrays reach only a context-taking loss (context=True)")
 
-    def train_step(state: nnx.State, batch: Mapping[str, jax.Array], base_key: jax.Array, frozen_args=None):
+    def train_step(state: nnx.State, batch: Any, base_key: jax.Array, frozen_args=None):
         trainer: Trainer = nnx.merge(graphdef, state)
         step = trainer.optimizer.step[...]
         key = jax.random.fold_in(base_key, step)
         metrics = {}
         if trainer.disc is None:
-            if context:
-                f = lambda model: loss_fn(model, batch, key, LossContext(step, frozen_args))
-            else:
-                f = lambda model: loss_fn(model, batch, key)
+            f = lambda model: loss_fn(model, batch, key, LossContext(step, frozen_args))
             (loss, aux), grads = nnx.value_and_grad(f, has_aux=True)(trainer.model)
         else:
-            if not context:
-                raise ValueError("a trainer with a discriminator needs a context-taking loss (context=True)")
+            if player_update is None:
+                raise ValueError("a trainer with a second player (disc) needs make_train_step(player_update=...)")
             f = lambda model, disc: loss_fn(model, batch, key, LossContext(step, frozen_args, disc))
             (loss, aux), (grads, d_grads) = nnx.value_and_grad(f, argnums=(0, 1), has_aux=True)(
                 trainer.model, trainer.disc)
-            # tree.map copies the Variables: nnx.state shares them with the modules the update mutates.
-            before = jax.tree.map(lambda v: v, nnx.state((trainer.disc, trainer.disc_optimizer)))
-            trainer.disc_optimizer.update(trainer.disc, d_grads)
-            after = nnx.state((trainer.disc, trainer.disc_optimizer))
-            nnx.update((trainer.disc, trainer.disc_optimizer), _gated(step >= disc_start, after, before))
-            metrics["disc_grad_norm"] = optax.tree.norm(d_grads)
+            metrics.update(player_update(trainer, d_grads, step))
         trainer.optimizer.update(trainer.model, grads)
 
         d = ema_decay_at(step, ema_decay)
@@ -98,7 +79,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn | ContextLossFn, *, 
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics, **aux}
         return nnx.state(trainer), metrics
 
-    def train_step_no_frozen(state: nnx.State, batch: Mapping[str, jax.Array], base_key: jax.Array):
+    def train_step_no_frozen(state: nnx.State, batch: Any, base_key: jax.Array):
         return train_step(state, batch, base_key)
 
     return train_step if frozen else train_step_no_frozen

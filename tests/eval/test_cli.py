@@ -1,4 +1,8 @@
-"""`klingjax-eval`: folder loading, bad-input errors, JSON + markdown report + plots on a tiny synthetic set."""
+"""`klingjax-eval`: JSON + markdown report + plots on a tiny synthetic set, reference folders and skips.
+
+The scorer and the folder loading it reads are tested in test_scoring.py; the in-loop eval's parity in
+test_evaluate.py.
+"""
 
 import json
 
@@ -8,6 +12,7 @@ import pytest
 from data_pipelines.make_synthetic import write_synthetic_dataset
 from klingjax.data.synthetic import SyntheticSpec, generate_split
 from klingjax.eval import cli, media
+from klingjax.measures import PSNR_CAP
 
 SPEC = SyntheticSpec(p_two_objects=0.3, p_camera_pan=0.3)
 
@@ -30,7 +35,9 @@ def test_dataset_mode_writes_json_report_and_plots(dataset, tmp_path):
                        "--metrics", "psnr,ssim,vbstyle,adherence", "--no_consistency"])
     m = result["metrics"]
     assert m["adherence_all_acc"] == 1.0 and m["adherence_count_acc"] == 1.0 and m["adherence_camera_acc"] == 1.0
-    assert np.isinf(m["psnr"]) and m["ssim"] == pytest.approx(1.0)  # generated == the dataset's eval clips
+    assert m["adherence_all_acc_on_real"] == 1.0  # the detector on the dataset's clips: here the same videos
+    assert m["psnr"] == PSNR_CAP and m["ssim"] == pytest.approx(1.0)  # generated == the dataset's eval clips
+    assert result["protocols"]["psnr"] == "psnr_per_frame_cap100dB_mean_4clips_17f"
     assert m["temporal_flickering"] == pytest.approx(m["temporal_flickering_on_reference"])
     assert result["protocols"]["temporal_flickering"].startswith("vbench_exact_formula")
     assert result["timings"]["adherence_items_per_s"] > 0 and result["skipped"] == {}
@@ -58,28 +65,12 @@ def test_reference_folder_mode_and_skips(tmp_path):
     assert "T >= 9" in result["skipped"]["fvd"] and "--dataset" in result["skipped"]["adherence"]
 
 
-def test_bad_inputs_raise_clear_errors(tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(ValueError, match="no videos"):
-        cli.load_video_folder(empty)
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    np.save(mixed / "a.npy", np.zeros((4, 8, 8, 3), np.uint8))
-    np.save(mixed / "b.npy", np.zeros((4, 8, 6, 3), np.uint8))
-    with pytest.raises(ValueError, match="mixed shapes"):
-        cli.load_video_folder(mixed)
-    nan = tmp_path / "nan"
-    nan.mkdir()
-    bad = np.zeros((4, 8, 8, 3), np.float32)
-    bad[1, 2, 3, 0] = np.nan
-    np.save(nan / "a.npy", bad)
-    with pytest.raises(ValueError, match="NaN"):
-        cli.load_video_folder(nan)
-    with pytest.raises(ValueError, match="unknown metrics"):
-        cli.compute_metrics(np.zeros((2, 4, 8, 8, 3), np.uint8), None, ["fvd", "clipscore"])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        cli.load_video_folder(tmp_path / "missing")
+def test_needs_exactly_one_source(dataset, tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["--out", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="either --reference or --dataset"):
+        cli.main(["--generated", str(dataset / "gen"), "--reference", str(dataset / "gen"),
+                  "--dataset", str(dataset / "ds"), "--out", str(tmp_path / "out")])
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from klingjax.assets import NumpyOnlyUnpickler
 from klingjax.eval import fvd as fvd_lib
 from klingjax.eval.frechet import frechet_distance, stats, trace_sqrt_product
 
@@ -97,7 +98,7 @@ def test_weights_refuse_wrong_hash_and_non_numpy_pickles(tmp_path):
         fvd_lib._convert_checkpoint(fake, tmp_path / "out.npz")
     assert not (tmp_path / "out.npz").exists()
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        fvd_lib._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(print))).load()
+        NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(print))).load()
 
 
 def test_missing_package_names_install_command(monkeypatch):

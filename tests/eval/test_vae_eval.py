@@ -9,7 +9,7 @@ import pytest
 from experiments import vae_recipe
 from klingjax.config import config_from_dataclass, to_experiment
 from klingjax.eval import cli, vae_eval
-from klingjax.train.experiment import run_experiment
+from klingjax.experiment import run_experiment
 
 
 def _runlocal(num_train: int = 4, num_eval: int = 4):

@@ -12,10 +12,10 @@ import numpy as np
 from flax import nnx
 
 from experiments import demo
+from klingjax import layout
 from klingjax.config import config_from_dataclass, to_experiment
 from klingjax.models.dit import WanDiT
 from klingjax.models.vae import CausalVAE
-from klingjax.train import stages
 from klingjax.train.checkpoint import Checkpointer
 from klingjax.train.optim import make_optimizer
 from klingjax.train.state import Trainer
@@ -44,7 +44,7 @@ def make_workdir(root: str, *, steps=(3, 6), dit_overrides=None, seed=0) -> tupl
     os.makedirs(root)
     with open(os.path.join(root, "config.json"), "w") as f:
         f.write(config_from_dataclass(exp).to_json(indent=2))
-    vae_cfg, dit_cfg = stages.vae_config(exp), stages.dit_model_config(exp, TEXT_DIM)
+    vae_cfg, dit_cfg = layout.vae_config(exp), layout.dit_model_config(exp, TEXT_DIM)
     models = {"dit": (lambda: WanDiT(dit_cfg, rngs=nnx.Rngs(0)), exp.dit),
               "vae": (lambda: CausalVAE(vae_cfg, rngs=nnx.Rngs(0)), exp.vae)}
     saved = {}

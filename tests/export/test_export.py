@@ -16,13 +16,15 @@ from export_fixtures import TEXT_DIM, make_workdir, random_state
 from flax import nnx
 from safetensors.numpy import load_file
 
+from klingjax import layout
 from klingjax.export import dit_map, export
-from klingjax.export.checkpoint_source import ArchitectureError, load_experiment
+from klingjax.export.checkpoint_source import ArchitectureError
 from klingjax.export.export import export_checkpoint
-from klingjax.export.importer import import_diffusers, restore_params
+from klingjax.export.importer import import_diffusers
 from klingjax.export.safetensors_io import SafetensorsFolder
+from klingjax.layout import load_workdir_config
 from klingjax.models.dit import WanDiT, dit_config
-from klingjax.train import stages
+from klingjax.train.checkpoint import restore_params
 
 
 def _leaf(state, *path):
@@ -44,9 +46,9 @@ def test_exported_folder_is_a_wan_pipeline_with_the_checkpoint_values(fake_workd
     assert not any(f.endswith((".bin", ".pt", ".pth")) for _, _, fs in os.walk(out) for f in fs)
     index = json.load(open(out / "model_index.json"))
     assert index["_class_name"] == "WanPipeline" and index["text_encoder"] == ["transformers", "BertModel"]
-    exp = load_experiment(workdir)
+    exp = load_workdir_config(workdir)
     sched = json.load(open(out / "scheduler/scheduler_config.json"))
-    assert sched["shift"] == pytest.approx(stages.train_shift(exp))
+    assert sched["shift"] == pytest.approx(layout.train_shift(exp))
     vae_cfg = json.load(open(out / "vae/config.json"))
     stats = json.load(open(os.path.join(workdir, "latents", "latent_stats.json")))
     np.testing.assert_allclose(vae_cfg["latents_mean"], stats["mean"])
@@ -66,18 +68,18 @@ def test_round_trip_klingjax_diffusers_klingjax_is_bit_exact(fake_workdir, tmp_p
     export_checkpoint(workdir, str(tmp_path / "exported"), step=3)  # raw params; DiT step 3, VAE latest (6)
     result = import_diffusers(str(tmp_path / "exported"), str(tmp_path / "imported"))
     assert result["stages"] == ["dit", "vae"]
-    exp = load_experiment(workdir)
-    for stage, step, model in (("dit", 3, dit_map.abstract_dit(stages.dit_model_config(exp, TEXT_DIM))),
+    exp = load_workdir_config(workdir)
+    for stage, step, model in (("dit", 3, dit_map.abstract_dit(layout.dit_model_config(exp, TEXT_DIM))),
                                ("vae", 6, None)):
         if model is None:
             from klingjax.export.vae_map import abstract_vae
 
-            model = abstract_vae(stages.vae_config(exp))
+            model = abstract_vae(layout.vae_config(exp))
         got = restore_params(str(tmp_path / "imported" / stage), model)
         want = saved[stage][step]["model"]
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
     # The imported workdir restores like a trained one (Trainer state, latent stats, config).
-    mean, std = stages.load_latent_stats(str(tmp_path / "imported"))
+    mean, std = layout.load_latent_stats(str(tmp_path / "imported"))
     np.testing.assert_allclose(mean, json.load(open(os.path.join(workdir, "latents", "latent_stats.json")))["mean"],
                                rtol=1e-6)
     again = tmp_path / "again"

@@ -34,6 +34,7 @@ def _save(model, folder):
 
 
 def test_dit_forward_matches_diffusers(tmp_path):
+    from klingjax.models.conditions import Conditions
     from klingjax.models.dit import dit_config
 
     cfg = dit_config("XS", dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_channels=4, out_channels=4, text_dim=24)
@@ -49,7 +50,7 @@ def test_dit_forward_matches_diffusers(tmp_path):
         want = ref(torch.from_numpy(latents).permute(0, 4, 1, 2, 3), torch.from_numpy(t), torch.from_numpy(text),
                    return_dict=False)[0].permute(0, 2, 3, 4, 1).numpy()
     with jax.default_matmul_precision("highest"):
-        got = nnx.jit(lambda m, *a: m(*a))(model, jnp.asarray(latents), jnp.asarray(t), jnp.asarray(text))
+        got = nnx.jit(lambda m, *a: m(*a))(model, jnp.asarray(latents), jnp.asarray(t), Conditions(jnp.asarray(text)))
     diff = float(np.abs(np.asarray(got) - want).max())
     print(f"DiT max abs diff {diff:.2e} (|ref| max {np.abs(want).max():.2f})")
     assert diff <= 1e-4
@@ -81,10 +82,11 @@ def test_vae_encode_decode_match_diffusers(tmp_path):
 
 
 def test_round_trip_through_diffusers_is_bit_exact(fake_workdir, tmp_path):
-    from klingjax.export.checkpoint_source import load_experiment
+    from klingjax import layout
     from klingjax.export.export import export_checkpoint
-    from klingjax.export.importer import import_diffusers, restore_params
-    from klingjax.train import stages
+    from klingjax.export.importer import import_diffusers
+    from klingjax.layout import load_workdir_config
+    from klingjax.train.checkpoint import restore_params
 
     workdir, saved = fake_workdir
     export_checkpoint(workdir, str(tmp_path / "exported"), ema=True)
@@ -94,9 +96,9 @@ def test_round_trip_through_diffusers_is_bit_exact(fake_workdir, tmp_path):
     diffusers.AutoencoderKLWan.from_pretrained(str(tmp_path / "exported" / "vae")).save_pretrained(
         str(resaved / "vae"), safe_serialization=True)
     import_diffusers(str(resaved), str(tmp_path / "imported"))
-    exp = load_experiment(workdir)
-    models = {"dit": dit_map.abstract_dit(stages.dit_model_config(exp, 384)),
-              "vae": vae_map.abstract_vae(stages.vae_config(exp))}
+    exp = load_workdir_config(workdir)
+    models = {"dit": dit_map.abstract_dit(layout.dit_model_config(exp, 384)),
+              "vae": vae_map.abstract_vae(layout.vae_config(exp))}
     for stage, model in models.items():
         got = restore_params(str(tmp_path / "imported" / stage), model)
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got,
@@ -112,7 +114,7 @@ def test_round_trip_through_diffusers_is_bit_exact(fake_workdir, tmp_path):
 def trained_demo(tmp_path_factory):
     from experiments import demo
     from klingjax.config import to_experiment
-    from klingjax.train.experiment import run_experiment
+    from klingjax.experiment import run_experiment
 
     c = demo.get_config("runlocal")
     c.vae.steps = c.dit.steps = 2
@@ -125,12 +127,15 @@ def trained_demo(tmp_path_factory):
 
 
 def test_exported_pipeline_samples_the_same_video(trained_demo, tmp_path):
+    from klingjax import layout
     from klingjax.diffusion import samplers
-    from klingjax.export.checkpoint_source import OrbaxLeaves, find_checkpoints, load_experiment, load_model
+    from klingjax.diffusion.guidance import guided_velocity
+    from klingjax.export.checkpoint_source import OrbaxLeaves, find_checkpoints, load_model
     from klingjax.export.export import export_checkpoint
     from klingjax.export.verify import use_klingjax_schedule
+    from klingjax.layout import load_workdir_config
+    from klingjax.models.conditions import Conditions
     from klingjax.models.text_encoders import load_minilm
-    from klingjax.train import stages
 
     out = str(tmp_path / "pipeline")
     export_checkpoint(trained_demo, out, ema=True)
@@ -138,8 +143,8 @@ def test_exported_pipeline_samples_the_same_video(trained_demo, tmp_path):
     assert type(pipe).__name__ == "WanPipeline"
     sampling = json.load(open(os.path.join(out, "klingjax_export.json")))["sampling"]
 
-    exp = load_experiment(trained_demo)
-    t, h, w, c = stages.latent_grid(exp)
+    exp = load_workdir_config(trained_demo)
+    t, h, w, c = layout.latent_grid(exp)
     steps, cfg_scale, shift = 4, sampling["guidance_scale"], sampling["shift"]
     encoder = load_minilm()
     ctx, mask = encoder.encode(["a red circle moves left", ""], exp.text_max_len)  # prompt, negative prompt
@@ -149,18 +154,18 @@ def test_exported_pipeline_samples_the_same_video(trained_demo, tmp_path):
     # klingjax: the EMA DiT with masked cross-attention, its Euler sampler, then the streaming VAE decode.
     _, (dit_ck, vae_ck) = find_checkpoints(trained_demo)
     dit = load_model(OrbaxLeaves(dit_ck.state_dir), "ema",
-                     dit_map.abstract_dit(stages.dit_model_config(exp, ctx.shape[-1])))
-    vae = load_model(OrbaxLeaves(vae_ck.state_dir), "ema", vae_map.abstract_vae(stages.vae_config(exp)))
-    mean, std = stages.load_latent_stats(trained_demo)
+                     dit_map.abstract_dit(layout.dit_model_config(exp, ctx.shape[-1])))
+    vae = load_model(OrbaxLeaves(vae_ck.state_dir), "ema", vae_map.abstract_vae(layout.vae_config(exp)))
+    mean, std = layout.load_latent_stats(trained_demo)
 
     (dit_def, dit_state), (vae_def, vae_state) = nnx.split(dit), nnx.split(vae)
 
     @jax.jit
     def klingjax_video(dit_state, vae_state, noise):
         def velocity(x, tt, dit_state):  # params ride in the sampler's carry, as in eval/generate.py
-            v = nnx.merge(dit_def, dit_state)(jnp.concatenate([x, x]), jnp.full((2,), tt * 1000.0),
-                                              jnp.asarray(ctx), jnp.asarray(mask))
-            return v[1:] + cfg_scale * (v[:1] - v[1:])
+            cond, uncond = (Conditions(jnp.asarray(ctx[i:i + 1]), jnp.asarray(mask[i:i + 1])) for i in (0, 1))
+            return guided_velocity(nnx.merge(dit_def, dit_state), x, jnp.full((1,), tt * 1000.0), cond, uncond,
+                                   cfg_scale)
 
         z = samplers.sample(velocity, noise, num_steps=steps, sampler=samplers.Sampler.EULER, shift=shift,
                             args=(dit_state,))

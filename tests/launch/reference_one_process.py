@@ -20,11 +20,12 @@ import jax
 import numpy as np
 
 from klingjax.config import to_experiment
+from klingjax.layout import checkpoint_dir
 from klingjax.sharding.mesh import make_mesh
 from klingjax.sharding.rules import get_rules
 from klingjax.train import stages
 from klingjax.train.checkpoint import Checkpointer, abstract_with_shardings
-from klingjax.train.loop import stage_dir, train_stage
+from klingjax.train.loop import train_stage
 from klingjax.train.optim import make_optimizer
 from klingjax.train.state import create_trainer
 
@@ -73,8 +74,8 @@ def main(config_json: str, workdir: str, other: str) -> None:
         time.sleep(0.5)  # the 2-process run may still be finishing
     states = {}
     for name, wd in (("one", workdir), ("two", other)):
-        ckpt = Checkpointer(os.path.join(stage_dir(wd, spec.name), "checkpoints"))
-        states[name] = (ckpt.latest_step(), ckpt.restore_params(None, target))
+        ckpt = Checkpointer(checkpoint_dir(wd, spec.name))
+        states[name] = (ckpt.latest_step(), ckpt.restore(None, target)[0])
         ckpt.close()
 
     def max_diff(a, b):

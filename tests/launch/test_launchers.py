@@ -6,9 +6,11 @@ import subprocess
 import sys
 import time
 
+import helpers
+
 from launch import local
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = str(helpers.REPO)
 TRAIN = ["klingjax-train", "--config", "experiments/t2v_recipe.py:stage1", "--workdir", "gs://b/t2v",
          "--config.stages=('dit','eval')"]
 

@@ -1,7 +1,7 @@
 """2 local processes (launch/local.py, gloo) train the same params as 1 process fed the same global batches.
 
 The data stage is written once into a shared directory. The 2-process run goes through the real entry
-point (`klingjax.train.main` under `launch.local`, 1 CPU device per process); the 1-process reference
+point (`klingjax.main` under `launch.local`, 1 CPU device per process); the 1-process reference
 (reference_one_process.py, 2 CPU devices, same mesh shape) assembles each global batch from the two
 emulated hosts' shards in host order, because the pipeline shards records per process before shuffling.
 """
@@ -12,13 +12,14 @@ import os
 import subprocess
 import sys
 
+import helpers
 import pytest
 
 from experiments import demo
 from klingjax.config import config_from_dataclass, to_experiment
-from klingjax.train.experiment import run_experiment
+from klingjax.experiment import run_experiment
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = str(helpers.REPO)
 STEPS = 3
 OVERRIDES = {"stages": ("vae",), "vae.variant": "tiny", "vae.steps": STEPS, "vae.checkpoint_every": STEPS,
              "vae.log_every": 1}
@@ -45,7 +46,7 @@ def test_two_processes_match_one_process(tmp_path):
     flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "data.path": data}.items()]
     launcher = subprocess.Popen(
         [sys.executable, "-m", "launch.local", "--num_processes=2", "--cpu_devices_per_process=1", "--timeout=540",
-         f"--log_dir={tmp_path / 'logs'}", "--", sys.executable, "-m", "klingjax.train.main",
+         f"--log_dir={tmp_path / 'logs'}", "--", sys.executable, "-m", "klingjax.main",
          "--config", "experiments/demo.py:runlocal", "--workdir", two, *flags],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     exp_json = config_from_dataclass(to_experiment(c)).to_json()

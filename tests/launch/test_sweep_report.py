@@ -13,13 +13,14 @@ import sys
 import textwrap
 import time
 
+import helpers
 import numpy as np
 import pytest
 
 from launch import report, sweep
 from launch.sweep import Sweep, SweepError, product, zipped
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = str(helpers.REPO)
 ABLATION = os.path.join(REPO, "experiments", "ablation_sweep.py")
 
 
@@ -141,7 +142,7 @@ def test_failed_run_stops_the_sweep_without_marker(tmp_path):
 def test_dry_run_and_cluster_commands(tmp_path, capsys):
     assert sweep.main([ABLATION + ":runlocal", "--dry_run", "--workdir_root", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 4 and all(line.startswith("python -m klingjax.train.main --config ") for line in lines)
+    assert len(lines) == 4 and all(line.startswith("python -m klingjax.main --config ") for line in lines)
     assert "--config.dit.loss_weighting=cosmap" in lines[1]
     assert not os.listdir(tmp_path), "a dry run wrote something"
     assert sweep.main([ABLATION, "--launcher=slurm", "--workdir_root", "/shared/sweeps"]) == 0

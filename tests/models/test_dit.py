@@ -1,5 +1,6 @@
-"""Tests for the Wan-compatible DiT: shapes, validation, scan/loop and remat equivalence, masking, sharding
-metadata, and a short overfit. A tiny config keeps XLA compile times low on 2 CPU cores."""
+"""Tests for the Wan-compatible DiT: shapes, validation, scan/loop and remat equivalence, masking, per-token RoPE
+positions, the Conditions pytree, sharding metadata, and a short overfit. A tiny config keeps XLA compile times low
+on 2 CPU cores."""
 
 import dataclasses
 import functools
@@ -13,7 +14,9 @@ from dit_helpers import fast_jit, overfit_losses
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from klingjax.models.conditions import Conditions, ConditionSpec
 from klingjax.models.dit import DIT_VARIANTS, RematPolicy, WanDiT, dit_config
+from klingjax.models.layers.rope import grid_positions
 from klingjax.sharding.rules import LOGICAL_AXES
 
 # Tests jit whole computations (eager op-by-op dispatch compiles every op) at low XLA opt level: fast compiles.
@@ -27,12 +30,12 @@ def _inputs(b=2, t=2, h=4, w=4, seq=6, seed=0):
     context = jax.random.normal(k[1], (b, seq, TINY.text_dim))
     lengths = jnp.array([3, seq] * b)[:b]
     mask = jnp.arange(seq)[None, :] < lengths[:, None]  # (B, L)
-    return latents, timesteps, context, mask
+    return latents, timesteps, Conditions(context, mask)
 
 
 @functools.cache
 def _forward(cfg):
-    """Jitted (state, latents, timesteps, context, mask) -> velocity for `cfg` (one compile per config)."""
+    """Jitted (state, latents, timesteps, cond) -> velocity for `cfg` (one compile per config and cond layout)."""
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))
     return fast_jit(lambda state, *args: nnx.merge(graphdef, state)(*args))
 
@@ -47,17 +50,17 @@ def tiny_state():
 
 
 def test_output_shape_and_finite(tiny_state):
-    latents, t, ctx, mask = _inputs()
-    out = _forward(TINY)(tiny_state, latents, t, ctx, mask)
+    latents, t, cond = _inputs()
+    out = _forward(TINY)(tiny_state, latents, t, cond)
     assert out.shape == latents.shape[:4] + (TINY.out_channels,)
     assert bool(jnp.all(jnp.isfinite(out))) and float(jnp.std(out)) > 1e-3
 
 
 def test_patch_size_mismatch_raises_before_compute():
     model = nnx.eval_shape(lambda: WanDiT(TINY, rngs=nnx.Rngs(0)))  # abstract params: any compute would fail
-    _, t, ctx, mask = _inputs()
+    _, t, cond = _inputs()
     with pytest.raises(ValueError, match="divisible by patch_size"):
-        model(jnp.zeros((2, 2, 5, 4, TINY.in_channels)), t, ctx, mask)
+        model(jnp.zeros((2, 2, 5, 4, TINY.in_channels)), t, cond)
 
 
 def test_scan_and_loop_give_same_output(tiny_state):
@@ -71,12 +74,12 @@ def test_scan_and_loop_give_same_output(tiny_state):
 def test_remat_policies_same_output_and_gradient(tiny_state):
     one_layer = dataclasses.replace(TINY, num_layers=1)  # remat wraps each block alike: one is enough
     state = nnx.State({**tiny_state, "blocks": jax.tree.map(lambda a: a[:1], tiny_state["blocks"])})  # layer 0
-    latents, t, ctx, mask = _inputs()
+    latents, t, cond = _inputs()
     results = []
     for policy in RematPolicy:
         cfg = dataclasses.replace(one_layer, remat=policy)
         graphdef = nnx.graphdef(nnx.eval_shape(lambda cfg=cfg: WanDiT(cfg, rngs=nnx.Rngs(0))))
-        loss = lambda s, g=graphdef: jnp.mean(nnx.merge(g, s)(latents, t, ctx, mask) ** 2)
+        loss = lambda s, g=graphdef: jnp.mean(nnx.merge(g, s)(latents, t, cond) ** 2)
         results.append(fast_jit(jax.value_and_grad(loss))(state))
     for value, grads in results[1:]:
         np.testing.assert_allclose(value, results[0][0], rtol=1e-5)
@@ -85,11 +88,12 @@ def test_remat_policies_same_output_and_gradient(tiny_state):
 
 
 def test_padded_context_tokens_do_not_change_output(tiny_state):
-    latents, t, ctx, mask = _inputs()
+    latents, t, cond = _inputs()
+    ctx, mask = cond.text, cond.text_mask
     noise = jax.random.normal(jax.random.key(9), ctx.shape) * 10
     padded_changed = jnp.where(mask[..., None], ctx, noise)
     real_changed = ctx.at[:, 0].add(1.0)
-    fwd = lambda c: _forward(TINY)(tiny_state, latents, t, c, mask)
+    fwd = lambda c: _forward(TINY)(tiny_state, latents, t, cond.replace(text=c))
     base = fwd(ctx)
     np.testing.assert_allclose(fwd(padded_changed), base, atol=1e-5)
     assert float(jnp.abs(fwd(real_changed) - base).max()) > 1e-4
@@ -120,11 +124,46 @@ def test_variant_table_sizes():
 
 def test_short_overfit_reduces_mse():
     cfg = dataclasses.replace(TINY, num_layers=1)
-    latents, t, ctx, mask = _inputs(b=2, t=1, h=4, w=4)
+    latents, t, cond = _inputs(b=2, t=1, h=4, w=4)
     target = jax.random.normal(jax.random.key(7), latents.shape)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))
-    losses = overfit_losses(graphdef, _init(cfg, seed=1), (latents, t, ctx, mask), target)
+    losses = overfit_losses(graphdef, _init(cfg, seed=1), (latents, t, cond), target)
     assert losses[-1] < losses[0] / 2, losses
+
+
+def test_default_positions_equal_explicit_grid_positions(tiny_state):
+    """Conditions.positions = the latent grid gives bit-identical velocity; RoPE is relative (a shift of every
+    position changes nothing) and the positions are really read (stretching one axis changes the output)."""
+    latents, t, cond = _inputs()
+    grid = (2, 2, 2)  # (2, 4, 4) latents, patch (1, 2, 2)
+    pos = jnp.broadcast_to(grid_positions(grid), (2, 8, 3))  # (B, N, 3)
+    fwd = lambda c: np.asarray(_forward(TINY)(tiny_state, latents, t, c))
+    base = fwd(cond)
+    np.testing.assert_array_equal(fwd(cond.replace(positions=pos)), base)
+    np.testing.assert_allclose(fwd(cond.replace(positions=pos + jnp.array([3, -1, 5]))), base, atol=1e-5)
+    assert np.abs(fwd(cond.replace(positions=pos * jnp.array([1, 1, 3]))) - base).max() > 1e-4
+
+
+def test_conditions_concat_and_spec_validation():
+    a = Conditions(jnp.zeros((2, 5, 3)), jnp.ones((2, 5), bool))
+    both = a.concat(Conditions(jnp.ones((1, 5, 3)), jnp.zeros((1, 5), bool)))
+    assert both.text.shape == (3, 5, 3) and both.positions is None
+    np.testing.assert_array_equal(both.text_mask[:, 0], [True, True, False])
+    with pytest.raises(ValueError, match="text_mask is present in one and None in the other"):
+        a.concat(Conditions(jnp.zeros((1, 5, 3))))
+    spec = ConditionSpec()
+    assert TINY.conditions == spec and dit_config("XS", conditions={}).conditions == spec
+    spec.validate(a.replace(positions=jnp.zeros((2, 8, 3))), num_tokens=8)
+    with pytest.raises(ValueError, match=r"text_mask must be \(B, L\) = \(2, 5\)"):
+        spec.validate(a.replace(text_mask=jnp.ones((2, 4), bool)))
+    with pytest.raises(ValueError, match=r"positions must be \(B, N, 3\) = \(2, 8, 3\)"):
+        spec.validate(a.replace(positions=jnp.zeros((2, 6, 3))), num_tokens=8)
+    with pytest.raises(ValueError, match=r"Conditions.text must be \(B, L, text_dim\)"):
+        spec.validate(Conditions(None))
+    model = nnx.eval_shape(lambda: WanDiT(TINY, rngs=nnx.Rngs(0)))  # abstract: the checks run before compute
+    latents, t, cond = _inputs()
+    with pytest.raises(ValueError, match=r"positions must be \(B, N, 3\) = \(2, 8, 3\)"):
+        model(latents, t, cond.replace(positions=jnp.zeros((2, 4, 3))))
 
 
 @pytest.mark.torch
@@ -146,7 +185,8 @@ def test_matches_diffusers_wan_transformer():
     with torch.no_grad():  # random everything, norms included, so every parameter matters
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    latents, t, ctx, _ = _inputs(t=3, h=8, w=4)
+    latents, t, cond = _inputs(t=3, h=8, w=4)
+    ctx = cond.text
     with torch.no_grad():
         want = ref(torch.tensor(np.asarray(latents)).permute(0, 4, 1, 2, 3), torch.tensor(np.asarray(t)),
                    torch.tensor(np.asarray(ctx)), return_dict=False)[0].permute(0, 2, 3, 4, 1).numpy()  # fmt: skip
@@ -157,5 +197,5 @@ def test_matches_diffusers_wan_transformer():
                         dit_map.abstract_dit(TINY), "the DiT")  # the declarative export map, read backwards
     state = nnx.state(model)
     with jax.default_matmul_precision("highest"):
-        got = _forward(TINY)(state, latents, t, ctx, None)
+        got = _forward(TINY)(state, latents, t, Conditions(ctx))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

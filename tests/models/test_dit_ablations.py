@@ -17,7 +17,9 @@ from dit_helpers import fast_jit, overfit_losses
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from klingjax.models.conditions import Conditions, ConditionSpec
 from klingjax.models.dit import AttentionLayout, RematPolicy, TextAttention, WanDiT, dit_config
+from klingjax.models.layers.rope import grid_positions
 from klingjax.sharding.mesh import make_mesh
 from klingjax.sharding.rules import LOGICAL_AXES, get_rules
 from klingjax.train.state import state_shardings
@@ -67,7 +69,7 @@ GOLDEN_PARAMS = {
 def _golden_inputs():
     k = jax.random.split(jax.random.key(42), 2)
     latents = jax.random.normal(k[0], (1, 2, 4, 4, 4))
-    return latents, jnp.array([321.0]), jax.random.normal(k[1], (1, 5, 24)), jnp.arange(5)[None] < 3
+    return latents, jnp.array([321.0]), Conditions(jax.random.normal(k[1], (1, 5, 24)), jnp.arange(5)[None] < 3)
 
 
 def _inputs(b=2, t=3, seq=6):
@@ -76,7 +78,7 @@ def _inputs(b=2, t=3, seq=6):
     latents = jax.random.normal(k[0], (b, t, 4, 4, TINY.in_channels))
     context = jax.random.normal(k[1], (b, seq, TINY.text_dim))
     mask = jnp.arange(seq)[None, :] < jnp.array([3, seq] * b)[:b, None]  # (B, L)
-    return latents, jnp.linspace(50.0, 900.0, b), context, mask
+    return latents, jnp.linspace(50.0, 900.0, b), Conditions(context, mask)
 
 
 def _cfg(name, **kw):
@@ -93,9 +95,10 @@ def _param_shapes(cfg) -> dict[str, tuple[int, ...]]:
 
 
 def test_default_config_unchanged():
+    assert TINY.conditions == ConditionSpec()  # Wan T2V: no condition parameters
     assert _param_shapes(TINY) == GOLDEN_PARAMS
-    latents, t, ctx, mask = _golden_inputs()
-    got = fast_jit(lambda *a: WanDiT(TINY, rngs=nnx.Rngs(3))(*a))(latents, t, ctx, mask)
+    latents, t, cond = _golden_inputs()
+    got = fast_jit(lambda *a: WanDiT(TINY, rngs=nnx.Rngs(3))(*a))(latents, t, cond)
     want = np.frombuffer(base64.b64decode(GOLDEN_OUT), "<f4").reshape(1, 2, 4, 4, 4)
     # Bit-identical on the CPU where it was recorded (jax 0.10.2); the tolerance only absorbs ISA-dependent
     # rounding of XLA:CPU kernels on other hosts (a changed default code path moves outputs by >> 1e-3).
@@ -137,7 +140,8 @@ def test_switch_params_logical_axes_and_fsdp_shardings(name):
 def test_switch_forward_scan_equals_loop_and_text_masking(name):
     cfg = _cfg(name)
     loop_graphdef = _graphdef(dataclasses.replace(cfg, scan_layers=False))
-    latents, t, ctx, mask = _inputs()
+    latents, t, cond = _inputs()
+    ctx, mask = cond.text, cond.text_mask
     padded_changed = jnp.where(mask[..., None], ctx, 10 * jax.random.normal(jax.random.key(9), ctx.shape))
     caption_changed = ctx.at[:, 1].add(1.0)
 
@@ -146,9 +150,9 @@ def test_switch_forward_scan_equals_loop_and_text_masking(name):
         model = WanDiT(cfg, rngs=nnx.Rngs(1))
         loop = nnx.merge(loop_graphdef, nnx.state(model))
         # One batch of 3 x B: the same clips with the original, padding-changed and caption-changed text.
-        stacked = model(*(jnp.concatenate([a] * 3) for a in (latents, t)),
-                        jnp.concatenate([ctx, padded_changed, caption_changed]), jnp.concatenate([mask] * 3))
-        return jnp.split(stacked, 3) + [loop(latents, t, ctx, mask)]
+        three = cond.concat(cond.replace(text=padded_changed)).concat(cond.replace(text=caption_changed))
+        stacked = model(*(jnp.concatenate([a] * 3) for a in (latents, t)), three)
+        return jnp.split(stacked, 3) + [loop(latents, t, cond)]
 
     out, out_padded, out_caption, out_loop = run()
     assert out.shape == latents.shape[:4] + (cfg.out_channels,)
@@ -158,6 +162,47 @@ def test_switch_forward_scan_equals_loop_and_text_masking(name):
     assert float(jnp.abs(out_caption - out).max()) > 1e-3  # ... real ones are read
 
 
+@pytest.mark.parametrize("name", ["default", "joint_text"])
+def test_per_query_text_mask_in_one_block(name):
+    """One block, N = L = 8: video tokens 0-3 may read text [0, 3) only and tokens 4-7 text [3, 8) only. Each
+    half's output equals a run on that text span alone (self-attention reads no text under CROSS, and under JOINT
+    the video keys come from the block input), so an ignored or transposed mask fails."""
+    cfg = _cfg(name, num_layers=1)
+    latents, t, cond = _inputs(b=2, t=2, seq=8)  # (2, 2, 2) token grid
+    ctx, grid, k = cond.text, (2, 2, 2), 3
+    per_query = (jnp.arange(8)[:, None] < 4) == (jnp.arange(8)[None, :] < k)  # (N, L)
+
+    @fast_jit
+    def run():
+        model = WanDiT(cfg, rngs=nnx.Rngs(4))
+        graphdef, stacked = nnx.split(model.blocks)
+        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], stacked))
+        x = model.patch_embedding(latents)  # (B, N, D)
+        inputs = model.block_inputs(t, Conditions(ctx), grid)[1]
+        masked = block(x, inputs._replace(context_mask=jnp.broadcast_to(per_query, (2, 8, 8))))
+        return [masked] + [block(x, model.block_inputs(t, Conditions(c), grid)[1]) for c in (ctx[:, :k], ctx[:, k:])]
+
+    masked, head, tail = run()
+    np.testing.assert_allclose(masked[:, :4], head[:, :4], atol=1e-5)
+    np.testing.assert_allclose(masked[:, 4:], tail[:, 4:], atol=1e-5)
+    assert float(jnp.abs(head - tail).max()) > 1e-3  # the two text spans really differ
+
+
+@pytest.mark.parametrize("name", SWITCHES)
+def test_switch_positions(name):
+    """JOINT text takes per-token positions (grid positions: the default output); FACTORIZED refuses them."""
+    cfg = _cfg(name, num_layers=1)
+    latents, t, cond = _inputs(b=1, t=2)
+    with_pos = cond.replace(positions=jnp.asarray(grid_positions((2, 2, 2)))[None])  # (1, N, 3)
+    if cfg.attention_layout is F:
+        model = nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0)))
+        with pytest.raises(ValueError, match="positions is not supported with attention_layout=factorized"):
+            model(latents, t, with_pos)
+        return
+    out, out_pos = fast_jit(lambda: [WanDiT(cfg, rngs=nnx.Rngs(5))(latents, t, c) for c in (cond, with_pos)])()
+    np.testing.assert_array_equal(out_pos, out)
+
+
 def test_factorized_attention_locality():
     """1 block: spatial attention connects tokens of one frame only, temporal attention one (h, w) location only.
 
@@ -165,10 +210,10 @@ def test_factorized_attention_locality():
     every other part of the model is per token, so the model output shows what the attention connects.
     """
     cfg = _cfg("factorized", num_layers=1)
-    latents, t, ctx, mask = _inputs(b=1, t=3)
+    latents, t, cond = _inputs(b=1, t=3)
     # Perturb the (frame 2, row 0, col 0) token: latent pixels (2, 0:2, 0:2) with patch (1, 2, 2).
     both = jnp.concatenate([latents, latents.at[:, 2, 0:2, 0:2].add(1.0)])  # (2, t, 4, 4, C): original, perturbed
-    t2, ctx2, mask2 = (jnp.concatenate([a, a]) for a in (t, ctx, mask))
+    t2, cond2 = jnp.concatenate([t, t]), cond.concat(cond)
 
     @fast_jit
     def run():
@@ -178,7 +223,7 @@ def test_factorized_attention_locality():
             out_proj = getattr(model.blocks, silenced).to_out[0]
             out_proj.kernel.set_value(jnp.zeros_like(out_proj.kernel.get_value()))
             out_proj.bias.set_value(jnp.zeros_like(out_proj.bias.get_value()))
-            y = model(both, t2, ctx2, mask2)  # (2, t, 4, 4, C)
+            y = model(both, t2, cond2)  # (2, t, 4, 4, C)
             outs.append(jnp.abs(y[1] - y[0]).reshape(3, 2, 2, 2, 2, -1).max(axis=(2, 4, 5)))  # (t, 2, 2) per token
         return outs
 
@@ -190,14 +235,14 @@ def test_factorized_attention_locality():
     assert changed.max() == 0.0  # ... and nothing else
 
 
-def _loss_and_grads(cfg, policies, latents, t, ctx, mask):
+def _loss_and_grads(cfg, policies, latents, t, cond):
     """value_and_grad of a squared-output loss for each remat policy of `cfg`, in one jit."""
     graphdefs = [_graphdef(dataclasses.replace(cfg, remat=policy, scan_layers=scan)) for policy, scan in policies]
 
     @fast_jit
     def run():
         params = nnx.state(WanDiT(cfg, rngs=nnx.Rngs(0)))
-        loss = lambda p, g: jnp.mean(nnx.merge(g, p)(latents, t, ctx, mask) ** 2)
+        loss = lambda p, g: jnp.mean(nnx.merge(g, p)(latents, t, cond) ** 2)
         return [jax.value_and_grad(loss)(params, g) for g in graphdefs]
 
     return run()
@@ -222,10 +267,10 @@ def test_switch_remat_policies_same_loss_and_gradients(name):
 @pytest.mark.parametrize("name", SWITCHES)
 def test_switch_short_overfit_reduces_loss(name):
     cfg = _cfg(name, num_layers=1)
-    latents, t, ctx, mask = _inputs(b=2, t=2)
+    latents, t, cond = _inputs(b=2, t=2)
     target = jax.random.normal(jax.random.key(7), latents.shape)
     params = fast_jit(lambda: nnx.state(WanDiT(cfg, rngs=nnx.Rngs(1))))()
-    losses = overfit_losses(_graphdef(cfg), params, (latents, t, ctx, mask), target)
+    losses = overfit_losses(_graphdef(cfg), params, (latents, t, cond), target)
     assert losses[-1] < losses[0] / 2, losses
 
 

@@ -1,4 +1,5 @@
-"""Unit tests for the DiT layers: RoPE, norms, embeddings, patchify, attention masking."""
+"""Unit tests for the DiT layers: RoPE (grid and per-token positions), norms, embeddings, patchify, attention
+masking (per key and per query)."""
 
 import functools
 import math
@@ -6,12 +7,13 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from klingjax.models.layers.attention import WanAttention, attention
+from klingjax.models.layers.attention import AttentionImpl, WanAttention, attention
 from klingjax.models.layers.embeddings import PatchEmbed, patchify, timestep_embedding, unpatchify
 from klingjax.models.layers.norms import LayerNorm, RMSNorm
-from klingjax.models.layers.rope import apply_rope, rope_3d, rope_axis_dims
+from klingjax.models.layers.rope import apply_rope, grid_positions, rope_3d, rope_axis_dims, rope_from_positions
 
 # Tests jit whole computations (eager op-by-op dispatch compiles every op) at low XLA opt level: fast compiles.
 fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -37,6 +39,36 @@ def test_rope_matches_complex_rotation():
     z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * angles)[None, :, None, :]
     want = np.stack([z.real, z.imag], -1).reshape(x.shape)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def _complex_rope(x, pos, k, theta=10000.0):
+    """numpy reference: channel pairs of x (..., N, H, K) times exp(i * angles) of positions pos (..., N, 3)."""
+    dims = rope_axis_dims(k)
+    angles = np.concatenate(
+        [pos[..., a, None] * theta ** (-np.arange(0, d, 2) / d) for a, d in enumerate(dims)], axis=-1
+    )  # (..., N, K/2)
+    z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * angles)[..., None, :]
+    return np.stack([z.real, z.imag], -1).reshape(x.shape)
+
+
+def test_rope_from_grid_positions_is_rope_3d_bitwise():
+    for grid, k in (((3, 4, 5), 32), ((2, 3, 3), 128)):
+        got = fast_jit(lambda p, k=k: rope_from_positions(p, k))(grid_positions(grid))
+        for a, b in zip(got, rope_3d(grid, k)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_rope_from_positions_per_example_any_positions():
+    """Batched tables rotate each example by its own positions: integer (also negative), fractional and beyond
+    the exact table all match the complex-rotation reference; apply_rope broadcasts (B, N, K/2) over heads."""
+    k = 32
+    pos = np.array([[[0, 1, 2], [-3, 4, 0], [2, 0, -7]],
+                    [[0.5, 1.25, -2.5], [1500, 3, 2000], [7, 7, 7]]], np.float32)  # (B=2, N=3, 3)
+    x = np.asarray(jax.random.normal(jax.random.key(8), (2, 3, 2, k)))  # (B, N, H, K)
+    run = fast_jit(lambda x, p: apply_rope(x, *rope_from_positions(p, k)))
+    np.testing.assert_allclose(run(jnp.asarray(x), pos), _complex_rope(x, pos.astype(np.float64), k), atol=2e-4)
+    one = fast_jit(lambda x, p: apply_rope(x, *rope_from_positions(p, k)))(jnp.asarray(x[1:]), pos[1])  # (N, K/2)
+    np.testing.assert_array_equal(np.asarray(run(jnp.asarray(x), pos))[1:], np.asarray(one))
 
 
 def test_rope_scores_depend_only_on_offset():
@@ -125,6 +157,32 @@ def test_cross_attention_ignores_masked_keys():
     a, b = run(x, ctx)
     np.testing.assert_allclose(a[0], b[0], atol=1e-5)  # padded keys of sample 0 are ignored
     assert not np.allclose(a[1], b[1], atol=1e-3)  # sample 1 attends to all keys
+
+
+def test_broadcast_and_per_query_masks():
+    """(B, 1, L) is the (B, L) mask bit for bit; a per-query (B, N, L) mask (N = L, so a transposed mask would run)
+    gives each query block the attention over its own keys only; cuDNN refuses per-query masks."""
+    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(kq, (2, 6, 2, 8))  # (B, N, H, K)
+    k = jax.random.normal(kk, (2, 6, 2, 8))  # (B, L, H, K)
+    v = jax.random.normal(kv, (2, 6, 2, 8))
+    mask = jnp.arange(6)[None, :] < jnp.array([[4], [6]])  # (B, L)
+    per_query = (jnp.arange(6)[:, None] < 3) == (jnp.arange(6)[None, :] < 2)  # (N, L): queries 0-2 read keys 0-1
+
+    @fast_jit
+    def run(q, k, v):
+        full = attention(q, k, v, jnp.broadcast_to(per_query, (2, 6, 6)))
+        return attention(q, k, v, mask), attention(q, k, v, mask[:, None]), full, attention(q, k[:, :2], v[:, :2]), \
+            attention(q, k[:, 2:], v[:, 2:])
+
+    by_key, broadcast, full, head, tail = (np.asarray(a) for a in run(q, k, v))
+    np.testing.assert_array_equal(broadcast, by_key)
+    np.testing.assert_allclose(full[:, :3], head[:, :3], atol=1e-6)
+    np.testing.assert_allclose(full[:, 3:], tail[:, 3:], atol=1e-6)
+    with pytest.raises(ValueError, match="cuDNN attention takes per-example key lengths"):
+        attention(q, k, v, jnp.broadcast_to(per_query, (2, 6, 6)), AttentionImpl.CUDNN)
+    with pytest.raises(ValueError, match=r"kv_mask must be \(B, L\) or \(B, N\|1, L\)"):
+        attention(q, k, v, mask[:, None, None])
 
 
 def test_key_lengths_equal_right_padded_mask():

@@ -89,28 +89,31 @@ def _wan_attention(strategy):
 @pytest.mark.parametrize("strategy", [A2A, pytest.param(RING, marks=pytest.mark.slow)], ids=["all_to_all", "ring"])
 def test_wan_self_attention_with_rope_under_fsdp_cp_matches_unsharded(strategy):
     """Self-attention (3D RoPE) takes the CP path on fsdp=2 x context=2 x tensor=2 with sharded params; the
-    cross-attention next to it (text length 5, not divisible by anything) keeps the plain path; both match."""
+    cross-attention next to it (text length 5, not divisible by anything) keeps the plain path, with a key mask
+    and with a per-query mask whose query axis is split over "context" like the tokens; all match."""
     grid = (2, 4, 4)  # (t, h, w) -> N = 32 tokens
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(4, 32, 64).astype(np.float32))  # (B, N, D)
     text = jnp.asarray(rng.randn(4, 5, 64).astype(np.float32))  # (B, L, D)
     text_mask = jnp.asarray(np.arange(5)[None, :] < np.array([[5], [3], [1], [4]]))
+    per_query = jnp.asarray(rng.rand(4, 32, 5) < 0.6).at[..., 0].set(True)  # (B, N, L), every query reads a key
     rope = rope_3d(grid, 8)
     graphdef, state = nnx.split(_wan_attention(strategy))
 
     def both(state, x, text):
         m = nnx.merge(graphdef, state)
-        return m(x, rope=rope), m(x, text, kv_mask=text_mask)
+        return m(x, rope=rope), m(x, text, kv_mask=text_mask), m(x, text, kv_mask=per_query)
 
-    ref_self, ref_cross = jax.jit(both, compiler_options=FAST)(state, x, text)
+    ref_self, ref_cross, ref_per_query = jax.jit(both, compiler_options=FAST)(state, x, text)
     mesh = make_mesh((1, 2, 2, 2))
     with jax.set_mesh(mesh), nnx.logical_axis_rules(CP_RULES):
         sharded_state = jax.device_put(state, state_shardings(state, mesh, CP_RULES))
         assert "tensor" in str(sharded_state["to_q"]["kernel"][...].sharding.spec)  # heads really split
         compiled = jax.jit(lambda s, x, t: both(s, x, t), compiler_options=FAST).lower(sharded_state, x, text).compile()
-        out_self, out_cross = compiled(sharded_state, x, text)
+        out_self, out_cross, out_per_query = compiled(sharded_state, x, text)
     np.testing.assert_allclose(out_self, ref_self, atol=1e-5, rtol=0)
     np.testing.assert_allclose(out_cross, ref_cross, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out_per_query, ref_per_query, atol=1e-5, rtol=0)
     assert COLLECTIVE[strategy] in compiled.as_text()
 
 
@@ -176,6 +179,7 @@ def test_cp_is_enabled_only_with_a_context_axis_and_a_length_rule():
 
 @pytest.mark.parametrize("switch", [{"attention_layout": "factorized"}, {"text_attention": "joint"}])
 def test_dit_ablation_switches_refuse_context_parallelism(switch):
+    from klingjax.models.conditions import Conditions
     from klingjax.models.dit import WanDiT, dit_config
 
     cfg = dit_config("XS", dim=32, ffn_dim=64, num_heads=2, num_layers=1, in_channels=4, out_channels=4,
@@ -184,4 +188,4 @@ def test_dit_ablation_switches_refuse_context_parallelism(switch):
     lat, t, ctx = jnp.zeros((2, 2, 4, 4, 4)), jnp.zeros((2,)), jnp.zeros((2, 3, 8))
     with jax.set_mesh(make_mesh((2, 1, 4, 1))), nnx.logical_axis_rules(CP_RULES):
         with pytest.raises(ValueError, match="context parallelism .* supports only"):
-            jax.eval_shape(lambda: model(lat, t, ctx))
+            jax.eval_shape(lambda: model(lat, t, Conditions(ctx)))

@@ -11,6 +11,7 @@ from flax import nnx
 
 from klingjax.config import OptimConfig
 from klingjax.diffusion import losses
+from klingjax.models.conditions import Conditions
 from klingjax.models.dit import WanDiT, dit_config
 from klingjax.models.vae import VAE_VARIANTS, CausalVAE
 from klingjax.sharding.mesh import make_mesh, resolve_mesh_shape
@@ -22,12 +23,13 @@ from klingjax.train.step import batch_sharding, compile_train_step, make_train_s
 CFG = dit_config("XS", dim=64, ffn_dim=128, num_heads=4, num_layers=2, in_channels=4, out_channels=4, text_dim=32)
 
 
-def _loss_fn(model, batch, key):
+def _loss_fn(model, batch, key, ctx=None):  # ctx: the train step's LossContext (unused)
     k_t, k_n = jax.random.split(key)
     x0 = batch["latent"]
     t = jax.random.uniform(k_t, (x0.shape[0],))
     noise = jax.random.normal(k_n, x0.shape)
-    velocity = lambda x_t, t: model(x_t, t * 1000.0, batch["text"], batch["text_mask"])
+    cond = Conditions(batch["text"], batch["text_mask"])
+    velocity = lambda x_t, t: model(x_t, t * 1000.0, cond)
     loss, _ = losses.flow_matching_loss(velocity, x0, noise, t)
     return loss, {}
 

@@ -5,13 +5,14 @@ import subprocess
 import sys
 import time
 
+import helpers
 import pytest
 
 from experiments import demo
 from klingjax.config import ConfigError, ExperimentConfig, to_experiment
 from klingjax.diffusion.samplers import Sampler
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = str(helpers.REPO)
 
 
 def test_demo_configs_validate():
@@ -36,16 +37,21 @@ def test_unknown_key_names_the_key():
         (("vae", "batch_size"), 0, r"'vae\.batch_size'"),
         (("dit", "steps"), "many", r"'dit\.steps': expected int"),
         (("stages",), ["data", "train"], r"'stages'.*unknown stage"),
-        (("vae", "mse_weight"), -1.0, r"'vae\.mse_weight': must be >= 0"),
-        (("vae", "lpips_weight"), -0.1, r"'vae\.lpips_weight': must be >= 0"),
-        (("vae", "disc_weight"), -1.0, r"'vae\.disc_weight': must be >= 0"),
-        (("vae", "disc_start"), -5, r"'vae\.disc_start': must be >= 0"),
-        (("vae", "lpips_net"), "squeeze", r"'vae\.lpips_net'.*not one of \['alex', 'vgg'\]"),
-        (("vae", "lpips_frames"), 10, r"'vae\.lpips_frames': 10 is more than the 9 frames"),
-        (("vae", "disc_layers"), 0, r"'vae\.disc_layers': must be >= 1"),
-        (("dit", "lpips_weight"), 0.1, r"'dit\.lpips_weight': only the vae stage"),
-        (("dit", "disc_weight"), 0.5, r"'dit\.disc_weight': only the vae stage"),
-        (("dit", "lpips_net"), "vgg", r"'dit\.lpips_net': only the vae stage"),
+        (("vae", "loss", "mse_weight"), -1.0, r"'vae\.loss\.mse_weight': must be >= 0"),
+        (("vae", "loss", "lpips_weight"), -0.1, r"'vae\.loss\.lpips_weight': must be >= 0"),
+        (("vae", "disc", "weight"), -1.0, r"'vae\.disc\.weight': must be >= 0"),
+        (("vae", "disc", "start"), -5, r"'vae\.disc\.start': must be >= 0"),
+        (("vae", "loss", "lpips_net"), "squeeze", r"'vae\.loss\.lpips_net'.*not one of \['alex', 'vgg'\]"),
+        (("vae", "loss", "lpips_frames"), 10, r"'vae\.loss\.lpips_frames': 10 is more than the 9 frames"),
+        (("vae", "disc", "layers"), 0, r"'vae\.disc\.layers': must be >= 1"),
+        # The loss and discriminator keys exist only on the vae stage (typed per-stage configs).
+        (("dit", "loss"), {"lpips_weight": 0.1}, r"unknown config key 'dit\.loss'"),
+        (("dit", "disc"), {"weight": 0.5}, r"unknown config key 'dit\.disc'"),
+        (("vae", "caption_dropout"), 0.2, r"unknown config key 'vae\.caption_dropout'"),
+        (("dit", "model_overrides"), {"num_layer": 2}, r"unknown config key 'dit\.model_overrides\.num_layer'"),
+        (("dit", "model_overrides"), {"num_layers": "2"}, r"'dit\.model_overrides\.num_layers': expected int"),
+        (("vae", "model_overrides"), {"z_dims": 4}, r"unknown config key 'vae\.model_overrides\.z_dims'"),
+        (("vae", "variant"), "huge", r"'vae\.variant': unknown 'huge'"),
     ],
 )
 def test_bad_values_name_the_key(path, value, pattern):
@@ -59,28 +65,28 @@ def test_bad_values_name_the_key(path, value, pattern):
 
 
 def test_vae_loss_keys_validate_and_must_fit_the_clips():
-    from klingjax.train.vae_losses import LPIPSNet
+    from klingjax.models.lpips import LPIPSNet
 
     c = demo.get_config("runlocal")
-    c.vae.lpips_weight, c.vae.lpips_net, c.vae.disc_weight, c.vae.disc_start = 0.1, "vgg", 0.5, 100
+    c.vae.loss.lpips_weight, c.vae.loss.lpips_net, c.vae.disc.weight, c.vae.disc.start = 0.1, "vgg", 0.5, 100
     exp = to_experiment(c)
-    assert exp.vae.lpips_net is LPIPSNet.VGG and exp.vae.disc_start == 100 and exp.dit.disc_weight == 0.0
-    c.vae.lpips_net = "alex"
+    assert exp.vae.loss.lpips_net is LPIPSNet.VGG and exp.vae.disc.start == 100 and not hasattr(exp.dit, "disc")
+    c.vae.loss.lpips_net = "alex"
     c.data.height = c.data.width = 24  # AlexNet's pooling stack needs >= 31 px
-    with pytest.raises(ConfigError, match=r"'vae\.lpips_net': alex LPIPS needs frames of at least 31px"):
+    with pytest.raises(ConfigError, match=r"'vae\.loss\.lpips_net': alex LPIPS needs frames of at least 31px"):
         to_experiment(c)
-    c.vae.lpips_weight = 0.0
-    c.vae.disc_layers = 3  # 24 -> 12 -> 6 -> 3 -> 2 -> 1: fits; a 4th strided layer leaves nothing
+    c.vae.loss.lpips_weight = 0.0
+    c.vae.disc.layers = 3  # 24 -> 12 -> 6 -> 3 -> 2 -> 1: fits; a 4th strided layer leaves nothing
     to_experiment(c)
-    c.vae.disc_layers = 4
-    with pytest.raises(ConfigError, match=r"'vae\.disc_layers': 4 strided layers leave no patch"):
+    c.vae.disc.layers = 4
+    with pytest.raises(ConfigError, match=r"'vae\.disc\.layers': 4 strided layers leave no patch"):
         to_experiment(c)
 
 
 def test_unknown_key_on_command_line_fails_fast_naming_it(tmp_path):
     t0 = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "klingjax.train.main", "--config", "experiments/demo.py:runlocal",
+        [sys.executable, "-m", "klingjax.main", "--config", "experiments/demo.py:runlocal",
          "--workdir", str(tmp_path), "--config.vae.stepz=3"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import helpers
 import ml_collections
 import pytest
 
@@ -14,7 +15,7 @@ from experiments import t2v_recipe
 from klingjax.config import ConfigError, to_experiment
 from klingjax.train import dry_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = str(helpers.REPO)
 
 # A config file as a user would write one: the tiny t2v stage on an fsdp mesh, with both DiT ablation switches.
 ABLATION_CONFIG = """
@@ -41,14 +42,14 @@ def test_cli_dry_run_prints_memory_and_writes_nothing(tmp_path):
     config.write_text(ABLATION_CONFIG)
     workdir = tmp_path / "workdir"
     proc = subprocess.run(
-        [sys.executable, "-m", "klingjax.train.main", "--config", str(config), "--dry_run", "--workdir", str(workdir)],
+        [sys.executable, "-m", "klingjax.main", "--config", str(config), "--dry_run", "--workdir", str(workdir)],
         cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ),  # conftest: 8 CPU devices
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "factorized attention, joint text; remat full; scan" in out, out
     assert "mesh: data=1 fsdp=8 context=1 tensor=1 (8 cpu devices)" in out
-    assert "batch: latent (8, 3, 8, 8, 8) float32, text (8, 16, 384) float32, text_mask (8, 16) bool" in out
+    assert "batch: latent (8, 3, 8, 8, 8) float32, cond.text (8, 16, 384) float32, cond.text_mask (8, 16) bool" in out
     size = r"([\d.]+ (?:B|KiB|MiB|GiB))"
     state = re.search(rf"per-device state: model {size} \+ optimizer {size} \+ ema {size} = {size} "
                       rf"\(whole mesh: {size}\)", out)

@@ -12,16 +12,17 @@ import subprocess
 import sys
 import time
 
+import helpers
 import numpy as np
 import pytest
 
 from experiments import demo
 from klingjax.config import to_experiment
 from klingjax.eval.report import read_jsonl
-from klingjax.train.experiment import run_experiment
+from klingjax.experiment import run_experiment
 
 OVERRIDES = {"vae.steps": 12, "dit.steps": 12, "vae.checkpoint_every": 3, "dit.checkpoint_every": 3}
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = str(helpers.REPO)
 
 
 def _config(stages):
@@ -67,7 +68,7 @@ def test_all_stages_produce_report_and_metrics(reference):
 
 
 def _kill_midway(workdir, stage, kill_after_step):
-    args = [sys.executable, "-m", "klingjax.train.main", "--config", "experiments/demo.py:runlocal",
+    args = [sys.executable, "-m", "klingjax.main", "--config", "experiments/demo.py:runlocal",
             "--workdir", workdir, f"--config.stages=('{stage}',)"]
     args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     proc = subprocess.Popen(args, cwd=REPO, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -112,9 +113,9 @@ def test_init_from_loads_params_and_starts_fresh(reference, tmp_path):
     import jax
     from flax import nnx
 
-    from klingjax.export.importer import restore_params
+    from klingjax import layout
     from klingjax.models.dit import WanDiT
-    from klingjax.train import stages
+    from klingjax.train.checkpoint import restore_params
 
     ref_dir, _ = reference
     workdir = str(tmp_path)
@@ -127,7 +128,7 @@ def test_init_from_loads_params_and_starts_fresh(reference, tmp_path):
     exp = to_experiment(c)
     run_experiment(exp, workdir)
 
-    abstract = nnx.eval_shape(lambda: WanDiT(stages.dit_model_config(exp, 384), rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: WanDiT(layout.dit_model_config(exp, 384), rngs=nnx.Rngs(0)))
     want = restore_params(os.path.join(ref_dir, "dit"), abstract, use_ema=True)
     got = restore_params(os.path.join(workdir, "dit"), abstract, use_ema=False)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):

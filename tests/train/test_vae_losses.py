@@ -10,17 +10,20 @@ import optax
 import pytest
 from flax import nnx
 
+from klingjax.config import DiscConfig, VAELossConfig
 from klingjax.models.discriminator import DiscriminatorConfig, PatchDiscriminator3D
+from klingjax.models.lpips import LPIPSNet, load_lpips
 from klingjax.models.vae import CausalVAE, VAEConfig
 from klingjax.train import vae_losses as vl
+from klingjax.train.batch import VideoBatch
 from klingjax.train.state import Trainer
 from klingjax.train.step import LossContext, make_train_step
 
 # A real CausalVAE at its smallest: one down/up stage (2x spatial, 2x temporal), 4 base channels.
 MICRO_VAE = VAEConfig(base_dim=4, z_dim=2, dim_mult=(1, 2), num_res_blocks=1, temporal_downsample=(True,))
 MICRO_DISC = DiscriminatorConfig(dim=4, num_layers=1, norm_groups=2)
-LOSS = vl.VAELossConfig(kl_weight=1e-3, mse_weight=0.5, lpips_weight=0.3, lpips_frames=2, disc_weight=0.7,
-                        disc_start=1)
+LOSS = VAELossConfig(kl_weight=1e-3, mse_weight=0.5, lpips_weight=0.3, lpips_frames=2)
+DISC = DiscConfig(weight=0.7, start=1)
 
 
 def _init(make):
@@ -37,7 +40,7 @@ def _video(seed, shape=(2, 3, 32, 32, 3)):
 
 @pytest.fixture(scope="module")
 def lpips_params():
-    return vl.load_lpips(vl.LPIPSNet.ALEX)
+    return load_lpips(LPIPSNet.ALEX)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -49,7 +52,7 @@ def test_lpips_zero_for_identical_grows_with_noise_and_matches_eval(lpips_params
     from klingjax.eval.image_metrics import lpips as eval_lpips
 
     x = _video(0)
-    f = jax.jit(jax.value_and_grad(lambda r, t, p: vl.video_lpips(p, r, t, jax.random.key(0), net=vl.LPIPSNet.ALEX)))
+    f = jax.jit(jax.value_and_grad(lambda r, t, p: vl.video_lpips(p, r, t, jax.random.key(0), net=LPIPSNet.ALEX)))
     same, grad_same = f(x, x, lpips_params)
     assert abs(float(same)) < 1e-12 and np.isfinite(np.asarray(grad_same)).all()
     values = [float(f(x + s * jax.random.normal(jax.random.key(1), x.shape), x, lpips_params)[0])
@@ -108,7 +111,7 @@ def gan(lpips_params):
     def parts(vs, ds, frozen, step):
         def f(vs, ds):
             ctx = LossContext(step, frozen, nnx.merge(dg, ds))
-            total, m = vl.vae_loss(nnx.merge(vg, vs), {"video": x}, key, ctx, cfg=LOSS)
+            total, m = vl.vae_loss(nnx.merge(vg, vs), VideoBatch(x), key, ctx, cfg=LOSS, disc=DISC)
             return {"total": total, "d_loss": m["d_loss"], "g_adv": m["g_adv"], "lpips": m["lpips"]}, m
 
         # One forward, one backward per part: {part: (vae grads, disc grads)}. (Not jax.jacrev: under jit on
@@ -144,7 +147,7 @@ def test_adaptive_weight_is_the_last_layer_gradient_ratio(gan):
     rec_grad = _kernel(gan[0][1]["total"])
     ratio = np.linalg.norm(rec_grad) / (np.linalg.norm(_kernel(grads["g_adv"])) + 1e-4)
     assert 0.0 < float(out["adaptive_weight"])
-    np.testing.assert_allclose(float(out["adaptive_weight"]), LOSS.disc_weight * ratio, rtol=1e-4)
+    np.testing.assert_allclose(float(out["adaptive_weight"]), DISC.weight * ratio, rtol=1e-4)
 
 
 def test_after_disc_start_vae_gradient_includes_the_weighted_adversarial_term(gan):
@@ -189,10 +192,10 @@ def test_lpips_params_reach_the_step_as_arguments_not_state(lpips_params):
     assert set(state.keys()) == {"model", "optimizer", "ema", "disc", "disc_optimizer"}
     kernels = {tuple(v.shape) for v in jax.tree.leaves(lpips_params) if v.ndim > 1}
     assert not kernels & {tuple(v.shape) for v in jax.tree.leaves(state)}  # no LPIPS weight is trained or saved
-    step = make_train_step(graphdef, functools.partial(vl.vae_loss, cfg=LOSS), ema_decay=0.9, context=True,
-                           disc_start=LOSS.disc_start, frozen=True)
+    step = make_train_step(graphdef, functools.partial(vl.vae_loss, cfg=LOSS, disc=DISC), ema_decay=0.9,
+                           player_update=vl.disc_update(DISC.start), frozen=True)
     video = jax.ShapeDtypeStruct((2, 3, 32, 32, 3), jnp.float32)
-    hlo = jax.jit(step).lower(state, {"video": video}, jax.random.key(0), {"lpips": lpips_params}).as_text()
+    hlo = jax.jit(step).lower(state, VideoBatch(video), jax.random.key(0), {"lpips": lpips_params}).as_text()
     assert "tensor<11x11x3x64xf32>" in hlo  # AlexNet's first kernel: an argument, never a folded constant
     assert not any("constant" in line and "11x11x3x64" in line for line in hlo.splitlines())
 
@@ -225,7 +228,7 @@ def test_train_step_trains_the_discriminator_only_from_disc_start():
     trainer = Trainer(_Generator(nnx.Rngs(0)), tx, nnx.Linear(4, 1, rngs=nnx.Rngs(1)), tx)
     graphdef, state = nnx.split(trainer)
     step_fn = jax.jit(make_train_step(graphdef, functools.partial(_two_player_loss, start=2), ema_decay=0.9,
-                                      context=True, disc_start=2))
+                                      player_update=vl.disc_update(2)))
     batch = {"x": jax.random.normal(jax.random.key(0), (8, 4))}
     leaves = lambda s, part: [np.asarray(v) for v in jax.tree.leaves(s[part])]
     states = [state]
@@ -250,21 +253,21 @@ def test_train_step_trains_the_discriminator_only_from_disc_start():
 @pytest.mark.slow
 def test_vae_stage_with_lpips_and_gan_resumes_and_its_vae_loads(tmp_path):
     from experiments import vae_recipe
+    from klingjax import layout
     from klingjax.config import to_experiment
+    from klingjax.experiment import run_experiment
     from klingjax.export.checkpoint_source import OrbaxLeaves, check_architecture, find_checkpoints
     from klingjax.export.export import export_checkpoint
-    from klingjax.export.importer import restore_params
     from klingjax.export.vae_map import abstract_vae
     from klingjax.sharding.mesh import make_mesh
     from klingjax.train import stages
-    from klingjax.train.experiment import run_experiment
-    from klingjax.train.loop import load_trained
+    from klingjax.train.checkpoint import restore_params
 
     c = vae_recipe.get_config("runlocal")
     c.data.num_train, c.data.num_eval = 16, 8
     c.vae.steps, c.vae.checkpoint_every, c.vae.max_steps_per_run = 4, 2, 3
-    c.vae.lpips_weight, c.vae.lpips_frames = 0.1, 3
-    c.vae.disc_weight, c.vae.disc_start, c.vae.disc_dim, c.vae.disc_layers = 0.5, 2, 8, 2
+    c.vae.loss.lpips_weight, c.vae.loss.lpips_frames = 0.1, 3
+    c.vae.disc.weight, c.vae.disc.start, c.vae.disc.dim, c.vae.disc.layers = 0.5, 2, 8, 2
     exp = to_experiment(c)
     workdir = str(tmp_path)
     first = run_experiment(exp, workdir)["vae"]
@@ -282,13 +285,12 @@ def test_vae_stage_with_lpips_and_gan_resumes_and_its_vae_loads(tmp_path):
     _, (ckpt,) = find_checkpoints(os.path.join(workdir, "vae"))
     leaves = OrbaxLeaves(ckpt.state_dir)
     assert {p[0] for p in leaves.paths} == {"model", "optimizer", "ema", "disc", "disc_optimizer"}
-    vcfg = stages.vae_config(exp)
+    vcfg = layout.vae_config(exp)
     for prefix in ("model", "ema"):
         check_architecture(leaves, prefix, abstract_vae(vcfg), "CausalVAE")  # what export reads
 
     # The loader of cache_latents / load_workdir_generator, init_from's reader, and export all find the VAE.
-    vae = load_trained(stages.vae_stage(exp, workdir), exp.vae, workdir=workdir, mesh=make_mesh(exp.mesh.sizes),
-                       seed=exp.seed)
+    vae = stages.trained_vae(exp, workdir, make_mesh(exp.mesh.sizes))
     assert isinstance(vae, CausalVAE)
     ema = restore_params(os.path.join(workdir, "vae"), nnx.eval_shape(lambda: CausalVAE(vcfg, rngs=nnx.Rngs(0))),
                          use_ema=True)

@@ -74,15 +74,24 @@ class AttentionImpl(enum.Enum):
 def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array | None = None, impl: AttentionImpl = AttentionImpl.XLA
 ) -> jax.Array:
-    """Softmax attention on (B, N, H, K) queries and (B, L, H, K) keys/values; kv_mask (B, L) True = attend.
+    """Softmax attention on (B, N, H, K) queries and (B, L, H, K) keys/values; kv_mask True = attend.
 
-    With cuDNN the mask must be right-padded (text masks are): cuDNN takes per-example key lengths, not a
-    broadcast (B, 1, 1, L) mask, which it would reject as a bias of the wrong length.
+    kv_mask is (B, L) (the same keys for every query), (B, 1, L) (the same, broadcast) or (B, N, L) (per query:
+    query n reads key l where mask[b, n, l]). With cuDNN the mask must be right-padded and the same for every
+    query (text masks are): cuDNN takes per-example key lengths, not a broadcast (B, 1, 1, L) mask, which it
+    would reject as a bias of the wrong length; a per-query mask raises.
     """
+    if kv_mask is not None:
+        if kv_mask.ndim not in (2, 3):
+            raise ValueError(f"kv_mask must be (B, L) or (B, N|1, L), got shape {kv_mask.shape}")
+        kv_mask = kv_mask[:, None, :] if kv_mask.ndim == 2 else kv_mask  # (B, N|1, L)
     if kv_mask is not None and impl is AttentionImpl.CUDNN:
-        lengths = kv_mask.astype(jnp.int32).sum(-1)  # (B,) real keys
+        if kv_mask.shape[1] != 1:
+            raise ValueError(f"cuDNN attention takes per-example key lengths, not a per-query mask (got "
+                             f"{kv_mask.shape}); use attention_impl=xla (or default) for per-query masks")
+        lengths = kv_mask[:, 0].astype(jnp.int32).sum(-1)  # (B,) real keys
         return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
-    mask = None if kv_mask is None else kv_mask[:, None, None, :].astype(bool)  # (B, 1, 1, L)
+    mask = None if kv_mask is None else kv_mask[:, None].astype(bool)  # (B, 1, N|1, L): broadcast over heads
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl.value)  # (B, N, H, K)
 
 
@@ -129,7 +138,7 @@ class WanAttention(nnx.Module):
         rope: tuple[jax.Array, jax.Array] | None = None,
         kv_mask: jax.Array | None = None,
     ) -> jax.Array:
-        """x (B, N, D) -> (B, N, D); rope = (cos, sin) tables (N, K/2); kv_mask (B, L) for context keys."""
+        """x (B, N, D) -> (B, N, D); rope = (cos, sin) tables ([B,] N, K/2); kv_mask (B, [N|1,] L), see `attention`."""
         kv_in = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(kv_in), self.to_v(kv_in)  # (B, N, D), (B, L, D), (B, L, D)
         if self.norm_q is not None:

@@ -1,4 +1,9 @@
-"""Run an experiment's stages in order: data -> vae -> cache -> dit -> eval (each resumable and skippable)."""
+"""Run an experiment's stages in order: data -> vae -> cache -> dit -> eval (each resumable and skippable).
+
+The orchestration layer: it alone imports train, data_pipelines and eval together; only entry points
+(`klingjax.main`, tests) import it. Stage definitions live in `klingjax.train.stages`, file layout in
+`klingjax.layout`, generation in `klingjax.eval.generate`.
+"""
 
 from __future__ import annotations
 
@@ -13,22 +18,16 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from klingjax import layout, measures
 from klingjax.config import ExperimentConfig, config_from_dataclass
 from klingjax.data.synthetic import SyntheticSpec
 from klingjax.eval import media
 from klingjax.eval.evaluate import evaluate, load_eval_clips
-from klingjax.eval.generate import VideoGenerator
+from klingjax.eval.generate import VideoGenerator, load_generator
+from klingjax.models.text_encoders import load_text_encoder
 from klingjax.sharding.mesh import make_mesh
 from klingjax.train import stages
-from klingjax.train.loop import load_trained, train_stage
-from klingjax.train.stages import psnr
-
-
-def _text_encoder(exp: ExperimentConfig):
-    from klingjax.models.text_encoders import load_text_encoder
-
-    return load_text_encoder(exp.text_encoder)
-
+from klingjax.train.loop import train_stage
 
 # ---------------------------------------------------------------------------------------------------------
 # Stage runners
@@ -40,7 +39,7 @@ def run_data(exp: ExperimentConfig, workdir: str) -> dict:
     from data_pipelines.make_synthetic import write_synthetic_dataset
 
     d = exp.data
-    out = stages.data_dir(exp, workdir)
+    out = layout.data_dir(exp, workdir)
     if jax.process_index() == 0:
         spec = SyntheticSpec(num_frames=d.num_frames, height=d.height, width=d.width,
                              heldout_fraction=d.heldout_fraction, size_range=tuple(d.sprite_size),
@@ -52,7 +51,7 @@ def run_data(exp: ExperimentConfig, workdir: str) -> dict:
 
 def _vae_sampler(exp: ExperimentConfig, workdir: str):
     """Periodic VAE samples: reconstruct held-out clips, log eval PSNR, save originals-vs-recon grids."""
-    real, captions, _ = load_eval_clips(exp, stages.data_dir(exp, workdir), exp.sample.num_samples)
+    real, captions, _ = load_eval_clips(exp, layout.data_dir(exp, workdir), exp.sample.num_samples)
     x = jnp.asarray(real.astype(np.float32) / 127.5 - 1.0)
 
     def on_sample(model, step: int, out_dir: str) -> dict:
@@ -64,7 +63,7 @@ def _vae_sampler(exp: ExperimentConfig, workdir: str):
             return vae.decode(vae.encode(x)[0])
 
         y = recon(nnx.state(model), x)
-        value = float(psnr(y, x))
+        value = float(jnp.mean(measures.psnr(y, x, data_range=2.0, cap=measures.PSNR_CAP)))  # per-frame mean
         # The output may span other hosts' devices: gather it (collective) before host 0 writes it.
         y = multihost_utils.process_allgather(y, tiled=True)
         if jax.process_index() == 0:
@@ -78,21 +77,16 @@ def _vae_sampler(exp: ExperimentConfig, workdir: str):
     return on_sample
 
 
-def _generator(exp: ExperimentConfig, workdir: str, mesh, dit, text_encoder) -> VideoGenerator:
-    vae = load_trained(stages.vae_stage(exp, workdir), exp.vae, workdir=workdir, mesh=mesh, seed=exp.seed)
-    mean, std = stages.load_latent_stats(workdir)
-    return VideoGenerator(dit=dit, vae=vae, text_encoder=text_encoder, latent_shape=stages.latent_grid(exp),
-                          latent_mean=mean, latent_std=std, sample=exp.sample, text_max_len=exp.text_max_len,
-                          shift=stages.train_shift(exp))
-
-
 def _dit_sampler(exp: ExperimentConfig, workdir: str, mesh, text_encoder):
     """Periodic DiT samples: generate held-out captions with the EMA model; save mp4/gif/PNG grid."""
-    _, captions, _ = load_eval_clips(exp, stages.data_dir(exp, workdir), exp.sample.num_samples)
+    _, captions, _ = load_eval_clips(exp, layout.data_dir(exp, workdir), exp.sample.num_samples)
+
+    generator: list[VideoGenerator] = []  # built once, on the first call (the VAE is trained by then)
 
     def on_sample(model, step: int, out_dir: str) -> dict:
-        gen = _generator(exp, workdir, mesh, model, text_encoder)
-        videos = gen(captions, jax.random.key(exp.seed + 2), batch_size=len(captions))
+        if not generator:
+            generator.append(load_generator(exp, workdir, mesh, text_encoder=text_encoder, dit=model))
+        videos = generator[0](captions, jax.random.key(exp.seed + 2), batch_size=len(captions), dit=model)
         if jax.process_index() == 0:
             path = os.path.join(out_dir, "samples", f"step{step:06d}")
             os.makedirs(path, exist_ok=True)
@@ -113,50 +107,20 @@ def run_vae(exp: ExperimentConfig, workdir: str, mesh) -> dict:
 def run_cache(exp: ExperimentConfig, workdir: str, mesh) -> dict:
     from data_pipelines.cache_latents import cache_latents
 
-    vae = load_trained(stages.vae_stage(exp, workdir), exp.vae, workdir=workdir, mesh=mesh, seed=exp.seed)
-    return cache_latents(exp, workdir, vae, _text_encoder(exp))
+    return cache_latents(exp, workdir, stages.trained_vae(exp, workdir, mesh), load_text_encoder(exp.text_encoder))
 
 
 def run_dit(exp: ExperimentConfig, workdir: str, mesh) -> dict:
-    text_encoder = _text_encoder(exp)
+    text_encoder = load_text_encoder(exp.text_encoder)
     null_ctx, null_mask = text_encoder.encode([""], exp.text_max_len)
     spec = stages.dit_stage(exp, workdir, (np.asarray(null_ctx)[0], np.asarray(null_mask)[0]),
                             on_sample=_dit_sampler(exp, workdir, mesh, text_encoder))
     return train_stage(spec, exp.dit, workdir=workdir, mesh=mesh, seed=exp.seed)
 
 
-def trained_generator(exp: ExperimentConfig, workdir: str, mesh) -> VideoGenerator:
-    """The trained DiT (EMA if `sample.use_ema`) + VAE + text encoder of `workdir` as a VideoGenerator."""
-    text_encoder = _text_encoder(exp)
-    null = text_encoder.encode([""], exp.text_max_len)
-    dit_spec = stages.dit_stage(exp, workdir, (np.asarray(null[0])[0], np.asarray(null[1])[0]))
-    dit = load_trained(dit_spec, exp.dit, workdir=workdir, mesh=mesh, seed=exp.seed, use_ema=exp.sample.use_ema)
-    return _generator(exp, workdir, mesh, dit, text_encoder)
-
-
-def load_workdir_config(workdir: str) -> ExperimentConfig:
-    """The `ExperimentConfig` a klingjax-train work dir ran with (its config.json)."""
-    import ml_collections
-
-    from klingjax.config import to_experiment
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{workdir} has no config.json; is it a klingjax-train work dir?")
-    with open(path) as f:
-        return to_experiment(ml_collections.ConfigDict(json.load(f)))
-
-
-def load_workdir_generator(workdir: str) -> tuple[ExperimentConfig, VideoGenerator]:
-    """(config, generator) of a finished experiment work dir, from its `config.json` and checkpoints."""
-    exp = load_workdir_config(workdir)
-    mesh = make_mesh(exp.mesh.sizes)
-    return exp, trained_generator(exp, workdir, mesh)
-
-
 def run_eval(exp: ExperimentConfig, workdir: str, mesh) -> dict:
-    gen = trained_generator(exp, workdir, mesh)
-    return evaluate(exp, gen, data_dir=stages.data_dir(exp, workdir), out_dir=workdir)
+    gen = load_generator(exp, workdir, mesh)
+    return evaluate(exp, gen, data_dir=layout.data_dir(exp, workdir), out_dir=workdir)
 
 
 _RUNNERS = {"vae": run_vae, "cache": run_cache, "dit": run_dit, "eval": run_eval}

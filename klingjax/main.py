@@ -2,7 +2,7 @@
 
     klingjax-train --config experiments/demo.py --workdir /tmp/demo
     klingjax-train --config experiments/demo.py:runlocal --workdir /tmp/tiny --config.dit.steps=50
-    python -m klingjax.train.main --config ... --workdir ...   (same thing)
+    python -m klingjax.main --config ... --workdir ...   (same thing)
     klingjax-train --config experiments/t2v_recipe.py --config.dit.variant=14B --dry_run
         (compile the DiT train step for the configured mesh, print params/optimizer/compiled memory per device,
         exit; no data, checkpoints or --workdir needed: see klingjax/train/dry_run.py)
@@ -78,7 +78,7 @@ def main(argv) -> None:
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)
     logging.info("host allocator: %s", _MALLOC)
-    from klingjax.train.experiment import run_experiment
+    from klingjax.experiment import run_experiment
 
     results = run_experiment(exp, _WORKDIR.value)
     logging.info("done: %s", {k: v for k, v in results.items() if k == "eval"})

@@ -1,0 +1,92 @@
+"""What the synthetic generator draws: `SyntheticSpec`, the `Clip` it returns, default vocabularies."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from klingjax.data.synthetic.sprites import SHAPE_SDFS
+
+DEFAULT_COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("red", (220, 40, 40)),
+    ("green", (40, 190, 60)),
+    ("blue", (40, 70, 240)),
+    ("yellow", (235, 215, 50)),
+    ("magenta", (215, 50, 215)),
+    ("cyan", (40, 220, 220)),
+)
+DEFAULT_BACKGROUNDS: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("black", (20, 20, 20)),
+    ("gray", (100, 100, 100)),
+    ("navy", (20, 25, 80)),
+)
+# Unit (dy, dx) per direction word, image coordinates (y grows downwards).
+DIRECTION_VECTORS: dict[str, tuple[int, int]] = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+SPLITS: dict[str, int] = {"train": 0, "eval": 1}
+MARGIN = 1.0  # px kept free between a sprite's bbox and the frame border
+
+Combo = tuple[str, str, str, str]  # (colour, shape, direction, background)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSpec:
+    """What the generator draws: clip size, vocabularies (name -> RGB tables as pairs), motion ranges."""
+
+    num_frames: int = 17
+    height: int = 32
+    width: int = 32
+    fps: int = 8
+    shapes: tuple[str, ...] = ("circle", "square", "triangle")
+    colours: tuple[tuple[str, tuple[int, int, int]], ...] = DEFAULT_COLOURS
+    backgrounds: tuple[tuple[str, tuple[int, int, int]], ...] = DEFAULT_BACKGROUNDS
+    directions: tuple[str, ...] = ("left", "right", "up", "down")
+    speed_range: tuple[float, float] = (0.6, 1.0)  # px / frame, clamped so sprites stay in frame
+    size_range: tuple[float, float] = (6.0, 10.0)  # bbox width in px
+    pan_speed_range: tuple[float, float] = (0.15, 0.24)  # px / frame
+    p_two_objects: float = 0.0
+    p_camera_pan: float = 0.0
+    heldout_fraction: float = 0.1
+
+    def __post_init__(self):
+        unknown = set(self.shapes) - set(SHAPE_SDFS)
+        if unknown:
+            raise ValueError(f"unknown shapes {sorted(unknown)}; known: {sorted(SHAPE_SDFS)}")
+        unknown = set(self.directions) - set(DIRECTION_VECTORS)
+        if unknown:
+            raise ValueError(f"unknown directions {sorted(unknown)}; known: {sorted(DIRECTION_VECTORS)}")
+        if self.size_range[1] + 2 * MARGIN >= min(self.height, self.width):
+            raise ValueError(f"size_range {self.size_range} does not fit a {self.height}x{self.width} frame")
+        if not 0.0 <= self.heldout_fraction < 0.5:
+            raise ValueError(f"heldout_fraction must be in [0, 0.5), got {self.heldout_fraction}")
+
+    @property
+    def colour_table(self) -> dict[str, np.ndarray]:
+        """Colour name -> float32 RGB."""
+        return {k: np.asarray(v, np.float32) for k, v in self.colours}
+
+    @property
+    def background_table(self) -> dict[str, np.ndarray]:
+        """Background name -> float32 RGB."""
+        return {k: np.asarray(v, np.float32) for k, v in self.backgrounds}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SyntheticSpec:
+        """Inverse of `to_dict` (lists from JSON become tuples again)."""
+        def tup(x):
+            return tuple(tup(v) for v in x) if isinstance(x, list | tuple) else x
+
+        return cls(**{k: tup(v) for k, v in d.items()})
+
+
+class Clip(NamedTuple):
+    """One generated clip: uint8 frames (T, H, W, 3), its caption and JSON-serialisable metadata."""
+
+    frames: np.ndarray
+    caption: str
+    meta: dict
