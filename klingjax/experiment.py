@@ -54,15 +54,17 @@ def _vae_sampler(exp: ExperimentConfig, workdir: str):
     real, captions, _ = load_eval_clips(exp, layout.data_dir(exp, workdir), exp.sample.num_samples)
     x = jnp.asarray(real.astype(np.float32) / 127.5 - 1.0)
 
+    compiled = {}  # graphdef -> jitted reconstruction: compiled once, params are its argument
+
     def on_sample(model, step: int, out_dir: str) -> dict:
         graphdef = nnx.graphdef(model)
+        if graphdef not in compiled:
+            def recon(state, x):
+                vae = nnx.merge(graphdef, state)
+                return vae.decode(vae.encode(x)[0])
 
-        @jax.jit
-        def recon(state, x):
-            vae = nnx.merge(graphdef, state)
-            return vae.decode(vae.encode(x)[0])
-
-        y = recon(nnx.state(model), x)
+            compiled[graphdef] = jax.jit(recon)
+        y = compiled[graphdef](nnx.state(model), x)
         value = float(jnp.mean(measures.psnr(y, x, data_range=2.0, cap=measures.PSNR_CAP)))  # per-frame mean
         # The output may span other hosts' devices: gather it (collective) before host 0 writes it.
         y = multihost_utils.process_allgather(y, tiled=True)

@@ -154,3 +154,21 @@ def test_the_checker_resolves_from_package_imports(tmp_path):
     edges = import_edges(project_modules(tmp_path))
     assert edges["klingjax.models.dit"] == {"klingjax.layout"}
     assert layering_violations(edges) == ["klingjax.models.dit (layer 2) imports klingjax.layout (layer 4)"]
+
+
+def package_graph(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The unit-level graph (`klingjax.<sub>` / top-level package) of a module graph."""
+    graph: dict[str, set[str]] = {}
+    for src, targets in edges.items():
+        graph.setdefault(unit_of(src), set()).update(unit_of(t) for t in targets if unit_of(t) != unit_of(src))
+    return graph
+
+
+if __name__ == "__main__":  # python tests/test_layering.py [REPO]: print the package graph, cycles, violations
+    import sys
+
+    found = import_edges(project_modules(pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else REPO))
+    for unit, targets in sorted(package_graph(found).items(), key=lambda kv: (RANK.get(kv[0], -1), kv[0])):
+        print(f"{unit:24s} -> {', '.join(sorted(targets, key=lambda u: (RANK.get(u, -1), u))) or '-'}")
+    print("module cycles:", import_cycles(found) or "none")
+    print("layer violations:", *(layering_violations(found) or ["none"]), sep="\n  ")

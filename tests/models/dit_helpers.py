@@ -1,16 +1,12 @@
-"""Shared by the DiT tests: a fast-compiling jit and a short Adam overfit of a model on one batch."""
+"""Shared by the DiT tests: a short Adam overfit of a model on one batch (and `helpers.fast_jit`)."""
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-
-# Backend optimisation level 0: compiles much faster on CPU; numerics are unchanged for these tests.
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+from helpers import fast_jit  # noqa: F401  (re-exported for the DiT tests)
 
 
 def overfit_losses(graphdef: nnx.GraphDef, params: nnx.State, inputs: tuple, target: jax.Array,
