@@ -1,10 +1,17 @@
 """Convert local videos + captions into ArrayRecord shards of klingjax video records, with a manifest.
 
     python -m data_pipelines.convert_videos --input DIR|captions.csv|captions.jsonl --output OUT \\
-        [--num_shards 8] [--num_workers 4] [--split train] [--max_side 256] [--min_frames 17] [--reencode]
+        [--input_root DIR] [--num_shards 8] [--num_workers 4] [--split train] [--max_side 256] [--min_frames 17]
+        [--reencode]
 
 Inputs (see `klingjax.data.probe.list_inputs`): a folder of videos with sidecar captions (a.mp4 + a.txt),
-or a CSV / JSONL with `path, caption[, start, end]` rows. Input i goes to shard i % num_shards; each shard
+or a CSV / JSONL with `path, caption[, start, end]` rows. Only files inside the input root are read: the
+folder, or the captions file's folder, or `--input_root`. A row whose path resolves outside it (`..`, an
+absolute path elsewhere, a symlink pointing out) is skipped with the reason; a clip whose header declares
+more than `VideoLimits` (8192 px a side, 36 MP, 10M frames) is skipped as "too large" before it is
+decoded. OUT must not overlap the input root (neither inside it nor holding it) and `--split` must be a
+plain name, so every file written lands in OUT; both are checked before anything is written.
+Input i goes to shard i % num_shards; each shard
 is converted by one worker process and written atomically to OUT/SPLIT-0000k-of-0000N.array_record, then
 its part manifest OUT/.convert_parts/SPLIT-0000k-of-0000N.json is written. Re-running skips shards whose
 part (same inputs, same options) and shard file exist, so an interrupted run resumes where it stopped.
@@ -21,16 +28,19 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from klingjax.data.probe import ClipError, ClipInput, input_record, list_inputs
+from klingjax.data.probe import ClipError, ClipInput, default_root, input_record, inside, list_inputs
 from klingjax.data.records import list_shards, shard_path, write_shards
+from klingjax.data.video_io import VideoLimits
 
 MANIFEST = "manifest.json"
 PARTS_DIR = ".convert_parts"
 FORMAT_VERSION = 1
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*")  # a file-name prefix: no separators, '-' or glob characters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +50,7 @@ class ConvertOptions:
     max_side: int | None = None
     min_frames: int = 1
     reencode: bool = False  # re-encode even clips that could be copied as they are
+    limits: VideoLimits = VideoLimits()  # clips whose header declares more are skipped before decoding
 
     def __post_init__(self):
         if self.max_side is not None and self.max_side < 2:
@@ -82,7 +93,7 @@ def convert_item(item: ClipInput, options: ConvertOptions) -> tuple[dict | None,
     entry = {"index": item.index, "path": item.name}
     try:
         record, clip = input_record(item, max_side=options.max_side, min_frames=options.min_frames,
-                                    reencode=options.reencode)
+                                    reencode=options.reencode, limits=options.limits)
     except ClipError as e:
         return None, {**entry, "reason": str(e)}
     except Exception as e:  # noqa: BLE001 - one strange file must not stop the conversion
@@ -150,20 +161,41 @@ def _remove_stale(out_dir: str, split: str, num_shards: int) -> None:
         os.remove(path)
 
 
+def check_paths(source: str, out_dir: str, split: str, input_root: str | None = None) -> str:
+    """The input root of `source`; raises ValueError if `split` is not a plain name or `out_dir` overlaps the inputs.
+
+    Run before anything is written: the split is a file-name prefix (no separators, '-', glob characters
+    or leading '.'), and OUT may not be the input root, lie inside it or hold it, nor hold the captions file.
+    """
+    if not isinstance(split, str) or not SPLIT_NAME.fullmatch(split):
+        raise ValueError(f"split must be a plain name of letters, digits, '_' and '.' (not starting with '.'), "
+                         f"got {split!r}")
+    root = os.path.abspath(input_root if input_root is not None else default_root(source))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"input root {root} is not a folder")
+    out = os.path.abspath(out_dir)
+    if inside(out, root) or inside(root, out) or inside(source, out):
+        raise ValueError(f"--output {out} overlaps the input root {root} (inputs are only read from there; "
+                         f"outputs must not mix with them): write elsewhere, or narrow --input_root to the "
+                         f"folder holding the videos")
+    return root
+
+
 def convert_videos(source: str, out_dir: str, *, num_shards: int = 8, num_workers: int = 1, split: str = "train",
-                   options: ConvertOptions = ConvertOptions()) -> dict:
+                   options: ConvertOptions = ConvertOptions(), input_root: str | None = None) -> dict:
     """Convert `source` (folder / captions csv / jsonl) into `split` shards in `out_dir`; returns the split manifest.
 
-    Shards already finished by an earlier run with the same inputs and options are kept as they are.
-    `num_workers > 1` converts shards in that many processes; the output does not depend on it.
+    Only inputs inside `input_root` (default: the folder, or the captions file's folder) are read; see
+    `check_paths` for what is refused before anything is written. Shards already finished by an earlier
+    run with the same inputs and options are kept as they are. `num_workers > 1` converts shards in that
+    many processes; the output does not depend on it.
     """
     if num_shards < 1 or num_workers < 1:
         raise ValueError(f"num_shards and num_workers must be >= 1, got {num_shards}, {num_workers}")
-    if not split or os.sep in split or "-" in split:
-        raise ValueError(f"split must be a plain name without '-' or '/', got {split!r}")
-    os.makedirs(os.path.join(out_dir, PARTS_DIR), exist_ok=True)
-    items = list_inputs(source, exclude=out_dir)
+    root = check_paths(source, out_dir, split, input_root)
+    items = list_inputs(source, exclude=out_dir, root=root)
     num_shards = max(1, min(num_shards, len(items)))  # no empty shards when there are few inputs
+    os.makedirs(os.path.join(out_dir, PARTS_DIR), exist_ok=True)
     _remove_stale(out_dir, split, num_shards)
     tasks = []
     for k in range(num_shards):
@@ -220,7 +252,9 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
     return {
         "input": flags.DEFINE_string("input", None, "Folder of videos + .txt captions, or captions .csv/.jsonl.",
                                      required=True),
-        "output": flags.DEFINE_string("output", None, "Output directory.", required=True),
+        "output": flags.DEFINE_string("output", None, "Output directory (not inside the input root).", required=True),
+        "input_root": flags.DEFINE_string("input_root", None, "Only read inputs inside this folder (default: the "
+                                          "--input folder, or the captions file's folder)."),
         "num_shards": flags.DEFINE_integer("num_shards", 8, "Number of shards (at most one per input)."),
         "num_workers": flags.DEFINE_integer("num_workers", 1, "Worker processes."),
         "split": flags.DEFINE_string("split", "train", "Split name: the shard file prefix."),
@@ -235,8 +269,11 @@ def main(argv, fl: dict[str, flags.FlagHolder]):
     del argv
     v = {k: h.value for k, h in fl.items()}
     options = ConvertOptions(max_side=v["max_side"], min_frames=v["min_frames"], reencode=v["reencode"])
-    section = convert_videos(v["input"], v["output"], num_shards=v["num_shards"], num_workers=v["num_workers"],
-                             split=v["split"], options=options)
+    try:
+        section = convert_videos(v["input"], v["output"], num_shards=v["num_shards"], num_workers=v["num_workers"],
+                                 split=v["split"], options=options, input_root=v["input_root"])
+    except (ValueError, FileNotFoundError) as e:  # bad arguments; bad inputs never raise (they are skipped)
+        raise app.UsageError(str(e)) from e
     print(json.dumps(section["totals"]))
 
 

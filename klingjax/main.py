@@ -20,6 +20,7 @@ import logging as pylogging
 import os
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -65,8 +66,14 @@ def main(argv) -> None:
     del argv
     logging.get_absl_handler().addFilter(_QuietLibraries())
     # Validate before anything compiles: unknown keys were already rejected by lock_config at parse time.
+    config = _CONFIG.value
+    if not isinstance(config, ml_collections.ConfigDict):  # ml_collections defers a failed load of --config
+        try:
+            config.to_dict()
+        except Exception as e:  # noqa: BLE001 - its load error (missing file, syntax error, bad arg) is the message
+            raise app.UsageError(f"--config {flags.FLAGS['config'].serialize().split('=', 1)[-1]}: {e}") from e
     try:
-        exp = to_experiment(_CONFIG.value)
+        exp = to_experiment(config)
     except ConfigError as e:
         raise app.UsageError(str(e)) from e
     if _DRY_RUN.value:

@@ -8,7 +8,8 @@
 Randomness (window start, crop, caption dropout, image-or-video) is drawn per example from
 `example_rng(seed, host, stream index, purpose)`, so it is reproducible and survives resume.
 
-Records that fail to decode (corrupt bytes, undecodable video, clips shorter than requested) are
+Records that fail to decode (corrupt bytes, undecodable video, clips shorter than requested, videos
+whose record or header declares a size past `VideoDecoder.limits`, refused before decoding) are
 skipped, not fatal. The map stage turns a failure into a `DecodeFailure` marker; a small filter stage
 after it drops markers and keeps a running count *in the iterator state* (key `"decode_failures"`),
 so the count is checkpointed and restored with the iterator, and also survives `mp_prefetch` (each
@@ -45,6 +46,7 @@ from klingjax.data.sampling import (
     example_rng,
     video_metadata,
 )
+from klingjax.data.video_io import DEFAULT_LIMITS, VideoLimits
 
 __all__ = ["DecodeFailure", "SkipFailuresIterDataset", "DecodeGroupsIterDataset", "VideoDecoder",
            "decode_video_record", "make_dataset", "num_decode_failures", "stack_batch"]
@@ -100,12 +102,13 @@ class _Peek:
     """Picklable (stream index, record bytes) -> Ticket from the metadata alone (or a DecodeFailure)."""
 
     def __init__(self, spec: BucketSpec, target_fps: float | None, *, seed: int, host: int,
-                 counts: Callable[[int], bool]):
+                 counts: Callable[[int], bool], limits: VideoLimits = DEFAULT_LIMITS):
         self._spec, self._target_fps, self._seed, self._host, self._counts = spec, target_fps, seed, host, counts
+        self._limits = limits
 
     def __call__(self, index: int, raw: bytes):
         try:
-            frames, height, width, fps = video_metadata(decode_record(raw))
+            frames, height, width, fps = video_metadata(decode_record(raw), limits=self._limits)
             rng = example_rng(self._seed, self._host, index, RNG_BUCKET)
             return Ticket(index, assign_bucket(self._spec, height=height, width=width, num_frames=frames, fps=fps,
                                                target_fps=self._target_fps, rng=rng))
@@ -341,7 +344,7 @@ def make_dataset(
         it_ds = it_ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
     else:
         counts = functools.partial(_counts_failure, *((process_index, process_count) if global_groups else (0, 1)))
-        peek = _Peek(buckets, decode.target_fps, seed=seed, host=host, counts=counts)
+        peek = _Peek(buckets, decode.target_fps, seed=seed, host=host, counts=counts, limits=decode.limits)
         tickets = SkipFailuresIterDataset(stream.map_with_index(peek).to_iter_dataset(read_options))
         hosts = process_count if global_groups else 1
         groups = BucketGroupIterDataset(tickets, group_size=batch_size * hosts, drop_remainder=drop_remainder)

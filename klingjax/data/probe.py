@@ -4,8 +4,10 @@
     load_clip(path, ...)  fully decode (validate) -> Clip: mp4 bytes (stream copy, or re-encoded when cut,
                           resized or not mp4-compatible) + frame count, fps, size, duration
 
-Problems with one input never raise out of `list_inputs`: they land in `ClipInput.error`. `load_clip`
-raises `ClipError` with a readable reason (empty, unreadable, corrupt, truncated, too short, bad range).
+Problems with one input never raise out of `list_inputs`: they land in `ClipInput.error` (with `root`,
+that includes rows whose path, symlinks resolved, lies outside the input root). `load_clip` raises
+`ClipError` with a readable reason (empty, unreadable, too large, corrupt, truncated, too short, bad range);
+a header declaring a size past `VideoLimits` is refused before any frame is decoded.
 Used by `data_pipelines/convert_videos.py` and the TFDS builder in `klingjax/data/tfds_video_text.py`.
 """
 
@@ -22,7 +24,7 @@ import av
 import numpy as np
 
 from klingjax.data.records import make_video_record
-from klingjax.data.video_io import default_codec
+from klingjax.data.video_io import DEFAULT_LIMITS, VideoLimits, VideoTooLarge, declared_frames, default_codec
 
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp", ".gif"})
@@ -78,12 +80,27 @@ def _seconds(value, what: str) -> float | None:
     return seconds
 
 
-def _row(index: int, root: str, name, caption, start=None, end=None, *, where: str = "",
-         error: str | None = None) -> ClipInput:
-    """A ClipInput from raw row values, with `error` or else the first problem found in them."""
+def inside(path: str, root: str) -> bool:
+    """Whether `path` is `root` or below it, after resolving symlinks and `..` in both."""
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([path, root]) == root
+
+
+def _row(index: int, base: str, name, caption, start=None, end=None, *, where: str = "",
+         error: str | None = None, root: str | None = None) -> ClipInput:
+    """A ClipInput from raw row values, with `error` or else the first problem found in them.
+
+    `name` is resolved against `base`; with `root`, a path outside it (symlinks resolved) is refused
+    unread: not even its size or existence is looked at.
+    """
     if not isinstance(name, str) or not name.strip():
         return ClipInput(index, where or str(name), "", error=error or "row has no path")
-    path = os.path.normpath(os.path.join(root, name))  # absolute names stay absolute
+    if "\0" in name:
+        return ClipInput(index, where or repr(name), "", error="path contains a NUL byte")
+    path = os.path.normpath(os.path.join(base, name))  # absolute names stay absolute
+    if root is not None and not inside(path, root):
+        return ClipInput(index, name, path, error=f"path escapes the input root {root} (resolves to "
+                                                  f"{os.path.realpath(path)})")
     try:
         start, end = _seconds(start, "start"), _seconds(end, "end")
     except ValueError as e:
@@ -117,7 +134,7 @@ def _read_sidecar(video_path: str) -> tuple[str | None, str | None]:
     return (caption, None) if caption else (None, f"caption file {name} is empty")
 
 
-def _from_folder(root: str, exclude: str | None) -> list[ClipInput]:
+def _from_folder(root: str, exclude: str | None, bound: str | None) -> list[ClipInput]:
     skip = os.path.realpath(exclude) if exclude else None
     names = []
     for d, subdirs, files in os.walk(root):
@@ -129,14 +146,17 @@ def _from_folder(root: str, exclude: str | None) -> list[ClipInput]:
     for i, name in enumerate(sorted(names)):
         ext = os.path.splitext(name)[1].lower()
         if ext not in VIDEO_EXTENSIONS:
-            inputs.append(_row(i, root, name, None, error=f"not a video file (extension {ext!r})"))
+            inputs.append(_row(i, root, name, None, error=f"not a video file (extension {ext!r})", root=bound))
+            continue
+        if bound is not None and not inside(os.path.join(root, name), bound):
+            inputs.append(_row(i, root, name, None, root=bound))  # an outside symlink: its sidecar is not read
             continue
         caption, error = _read_sidecar(os.path.join(root, name))
-        inputs.append(_row(i, root, name, caption, error=error))
+        inputs.append(_row(i, root, name, caption, error=error, root=bound))
     return inputs
 
 
-def _from_csv(path: str) -> list[ClipInput]:
+def _from_csv(path: str, bound: str | None) -> list[ClipInput]:
     with open(path, "rb") as f:
         text = f.read().decode("utf-8-sig", errors="surrogateescape")  # bad bytes fail only their own row
     reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -146,11 +166,11 @@ def _from_csv(path: str) -> list[ClipInput]:
                          f"missing {sorted(missing)} in {reader.fieldnames}")
     root = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
-    return [_row(i, root, r["path"], r["caption"], r.get("start"), r.get("end"), where=f"{name}:{reader.line_num}")
-            for i, r in enumerate(reader)]
+    return [_row(i, root, r["path"], r["caption"], r.get("start"), r.get("end"), where=f"{name}:{reader.line_num}",
+                 root=bound) for i, r in enumerate(reader)]
 
 
-def _from_jsonl(path: str) -> list[ClipInput]:
+def _from_jsonl(path: str, bound: str | None) -> list[ClipInput]:
     root = os.path.dirname(os.path.abspath(path))
     with open(path, "rb") as f:
         lines = [(n, line) for n, line in enumerate(f.read().split(b"\n"), start=1) if line.strip()]
@@ -169,26 +189,33 @@ def _from_jsonl(path: str) -> list[ClipInput]:
             inputs.append(ClipInput(i, where, "", error=f"line {n} is a JSON {type(row).__name__}, not an object"))
             continue
         inputs.append(_row(i, root, row.get("path"), row.get("caption"), row.get("start"), row.get("end"),
-                           where=where))
+                           where=where, root=bound))
     return inputs
 
 
-def list_inputs(source: str, *, exclude: str | None = None) -> list[ClipInput]:
+def default_root(source: str) -> str:
+    """The input root of `source`: the folder itself, or the folder holding the captions file."""
+    return source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
+
+
+def list_inputs(source: str, *, exclude: str | None = None, root: str | None = None) -> list[ClipInput]:
     """Inputs of a folder (videos + sidecar .txt captions), a captions .csv or a .jsonl, in a fixed order.
 
     CSV/JSONL rows carry `path` (relative to the captions file's folder, or absolute), `caption` and
     optionally `start`/`end` in seconds. A folder is walked recursively (hidden entries and `exclude`
-    skipped); every non-.txt file is an input, and non-video extensions come back with an error.
+    skipped; symlinked folders not followed); every non-.txt file is an input, and non-video extensions
+    come back with an error. With `root` (e.g. `default_root(source)`), every input whose path resolves
+    outside it (`..`, an absolute path elsewhere, a symlink pointing out) comes back with an error instead.
     """
     if os.path.isdir(source):
-        return _from_folder(source, exclude)
+        return _from_folder(source, exclude, root)
     ext = os.path.splitext(source)[1].lower()
     if not os.path.isfile(source):
         raise FileNotFoundError(f"input {source!r} does not exist")
     if ext == ".csv":
-        return _from_csv(source)
+        return _from_csv(source, root)
     if ext == ".jsonl":
-        return _from_jsonl(source)
+        return _from_jsonl(source, root)
     raise ValueError(f"input {source!r} must be a folder, a .csv or a .jsonl captions file")
 
 
@@ -354,8 +381,11 @@ def _transcode(container, stream, rate: Fraction, size: tuple[int, int], start: 
     return writer.finish(), writer.count, None if reached_end else count
 
 
-def _open_video(path: str):
-    """(container, first video stream, frame rate, height, width) of a file, or ClipError with the reason."""
+def _open_video(path: str, limits: VideoLimits = DEFAULT_LIMITS):
+    """(container, first video stream, frame rate, height, width) of a file, or ClipError with the reason.
+
+    Only the header is read: a declared size or frame count past `limits` is refused before any decoding.
+    """
     try:
         size = os.path.getsize(path)
     except OSError as e:
@@ -376,17 +406,23 @@ def _open_video(path: str):
     if not rate or rate <= 0 or height < 1 or width < 1:
         container.close()
         raise ClipError(f"video stream has no usable frame rate / size ({rate} fps, {height}x{width})")
+    try:
+        limits.check(width, height, declared_frames(stream))
+    except VideoTooLarge as e:
+        container.close()
+        raise ClipError(str(e)) from e
     return container, stream, Fraction(rate).limit_denominator(1001), height, width
 
 
 def load_clip(path: str, *, start: float | None = None, end: float | None = None, max_side: int | None = None,
-              reencode: bool = False, min_frames: int = 1) -> Clip:
+              reencode: bool = False, min_frames: int = 1, limits: VideoLimits = DEFAULT_LIMITS) -> Clip:
     """Validate `path` by decoding it (up to `end`) and return it as an mp4 Clip; raises ClipError with the reason.
 
     The video stream is copied as-is (audio dropped) unless the clip is cut (`start`/`end`, seconds),
     downscaled to `max_side`, `reencode` is set, or its codec does not fit mp4; then it is re-encoded.
+    A header declaring a size or length past `limits` is refused ("too large: ...") before decoding.
     """
-    container, stream, rate, height, width = _open_video(path)
+    container, stream, rate, height, width = _open_video(path, limits)
     out_size = target_size(height, width, max_side)
     cut = start is not None or end is not None
     copy = not (reencode or cut or out_size != (height, width)) and stream.codec_context.name in MP4_COPY_CODECS
@@ -399,7 +435,7 @@ def load_clip(path: str, *, start: float | None = None, end: float | None = None
             except _MuxError:
                 copy = False
     if result is None:
-        container, stream, *_ = _open_video(path)
+        container, stream, *_ = _open_video(path, limits)
         with container:
             result = _transcode(container, stream, rate, out_size, start, end)
     data, frames, source_frames = result
@@ -409,10 +445,10 @@ def load_clip(path: str, *, start: float | None = None, end: float | None = None
 
 
 def input_record(item: ClipInput, *, max_side: int | None = None, min_frames: int = 1,
-                 reencode: bool = False) -> tuple[dict, Clip]:
+                 reencode: bool = False, limits: VideoLimits = DEFAULT_LIMITS) -> tuple[dict, Clip]:
     """(klingjax video record, Clip) for one listed input; raises ClipError with the reason it cannot be used."""
     if item.error is not None:
         raise ClipError(item.error)
     clip = load_clip(item.path, start=item.start, end=item.end, max_side=max_side, reencode=reencode,
-                     min_frames=min_frames)
+                     min_frames=min_frames, limits=limits)
     return clip.to_record(item.caption, {"source": item.name, "start": item.start, "end": item.end}), clip

@@ -19,7 +19,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from klingjax.data.video_io import decode_frames, probe_video
+from klingjax.data.video_io import DEFAULT_LIMITS, VideoLimits, decode_frames, probe_video
 
 # Purposes of the per-example generators: separate streams, so turning one feature on does not move another.
 RNG_DECODE, RNG_CAPTION, RNG_BUCKET = 0, 1, 2
@@ -129,10 +129,12 @@ def drop_caption(caption: str, p: float, rng: np.random.Generator) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def video_metadata(record: Mapping[str, Any], *, probe: bool = True) -> tuple[int, int, int, float]:
+def video_metadata(record: Mapping[str, Any], *, probe: bool = True,
+                   limits: VideoLimits = DEFAULT_LIMITS) -> tuple[int, int, int, float]:
     """(frames, height, width, fps) of a video record without decoding frames.
 
     mp4 headers are probed (and checked against the record) unless `probe=False` and the record has them.
+    Raises VideoTooLarge (a ValueError) when the record or its mp4 header declares a size past `limits`.
     """
     codec = record.get("codec")
     if codec == "raw":
@@ -140,46 +142,56 @@ def video_metadata(record: Mapping[str, Any], *, probe: bool = True) -> tuple[in
         shape = video.shape
         if video.dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
             raise ValueError(f"raw video must be uint8 (T, H, W, 3), got {video.dtype} {shape}")
+        limits.check(shape[2], shape[1], shape[0])
         return shape[0], shape[1], shape[2], float(record.get("fps") or 0)
     if codec == "mp4":
         keys = ("num_frames", "height", "width", "fps")
         if not probe and all(record.get(k) for k in keys):
-            return tuple(int(record[k]) for k in keys[:3]) + (float(record["fps"]),)
-        info = probe_video(record["video"])
+            frames, height, width = (int(record[k]) for k in keys[:3])
+            limits.check(width, height, frames)  # the mp4's own header is checked again when it is decoded
+            return frames, height, width, float(record["fps"])
+        info = probe_video(record["video"], limits=limits)
         frames = int(record.get("num_frames") or info.num_frames)
         if frames > info.num_frames:
             raise ValueError(f"record says {frames} frames, its mp4 holds {info.num_frames}")
-        return (frames, int(record.get("height") or info.height), int(record.get("width") or info.width),
-                float(record.get("fps") or info.fps))
+        height, width = int(record.get("height") or info.height), int(record.get("width") or info.width)
+        limits.check(width, height, frames)
+        return frames, height, width, float(record.get("fps") or info.fps)
     raise ValueError(f"unknown codec {codec!r}")
 
 
 def decode_video_record(record: Mapping[str, Any], *, num_frames: int, height: int, width: int,
                         target_fps: float | None = None, rng: np.random.Generator | None = None,
-                        random_start: bool = False, random_crop: bool = False, dtype=np.float32) -> dict:
+                        random_start: bool = False, random_crop: bool = False, dtype=np.float32,
+                        limits: VideoLimits = DEFAULT_LIMITS) -> dict:
     """Video record -> {"video": float32 (T, H, W, 3) in [-1, 1], "caption": str, "meta_json": str}.
 
     Takes `num_frames` frames at `target_fps` (None: consecutive source frames) from the centred window
     (a random one with `random_start`), resized to cover (height, width) and centre- (or `random_crop`)
     cropped; random choices use `rng`. mp4 records decode only up to the last frame taken. A float
     `dtype` gives values in [-1, 1]; np.uint8 keeps pixels in [0, 255] (4x less to batch and move; scale
-    on the device). Raises ValueError for clips shorter than needed (the pipeline skips and counts them).
+    on the device). Raises ValueError for clips shorter than needed and VideoTooLarge for records (or mp4
+    headers) declaring a size past `limits`, before decoding (the pipeline skips and counts both).
     """
     if (random_start or random_crop) and rng is None:
         raise ValueError("random_start / random_crop need an rng")
     codec = record["codec"]
-    total, h, w, fps = video_metadata(record, probe=False)
+    total, h, w, fps = video_metadata(record, probe=False, limits=limits)
     idx = temporal_indices(total, num_frames, source_fps=fps, target_fps=target_fps,
                            rng=rng if random_start else None)  # (num_frames,)
     crop_rng = rng if random_crop else None
+    cover_h, cover_w, _, _ = cover_crop(h, w, height, width)  # the scaled size; no rng drawn for it
     if codec == "raw":
         frames = resize_crop(np.asarray(record["video"])[idx], height, width, crop_rng)  # (T, H, W, 3) uint8
-    elif h % 2 or w % 2:
+    elif h % 2 or w % 2 or cover_h * cover_w > limits.max_pixels or max(cover_h, cover_w) > limits.max_side:
         # encode_mp4 pads odd sizes to even ones: drop the padding the record's header says is not content.
-        frames = resize_crop(decode_frames(record["video"], idx)[:, :h, :w], height, width, crop_rng)
+        # A very thin clip (e.g. 8 x 4096) would cover the target at an absurd scaled size: resize_crop
+        # scales only the crop window instead.
+        frames = resize_crop(decode_frames(record["video"], idx, limits=limits)[:, :h, :w], height, width, crop_rng)
     else:  # scale while converting to RGB (cheaper than a second resize pass), then crop
         new_h, new_w, top, left = cover_crop(h, w, height, width, crop_rng)
-        frames = decode_frames(record["video"], idx, size=(new_h, new_w))[:, top:top + height, left:left + width]
+        frames = decode_frames(record["video"], idx, size=(new_h, new_w), limits=limits)
+        frames = frames[:, top:top + height, left:left + width]  # (T, height, width, 3)
     if np.dtype(dtype) == np.uint8:
         video = frames
     else:
@@ -203,11 +215,12 @@ class VideoDecoder(grain.transforms.RandomMap):
     random_start: bool = False  # training: a random window; eval: the centred one
     random_crop: bool = False
     dtype: Any = np.float32  # float: [-1, 1]; np.uint8: [0, 255]
+    limits: VideoLimits = DEFAULT_LIMITS  # records declaring larger videos are refused (counted failures)
 
     def random_map(self, element: Mapping[str, Any], rng: np.random.Generator) -> dict:
         return decode_video_record(element, num_frames=self.num_frames, height=self.height, width=self.width,
                                    target_fps=self.target_fps, rng=rng, random_start=self.random_start,
-                                   random_crop=self.random_crop, dtype=self.dtype)
+                                   random_crop=self.random_crop, dtype=self.dtype, limits=self.limits)
 
     def with_shape(self, shape: tuple[int, int, int]) -> VideoDecoder:
         """This decoder producing clips of `shape` = (frames, height, width), e.g. a bucket."""

@@ -17,6 +17,36 @@ from av.video.reformatter import VideoReformatter
 SEEK_MIN_FRAMES = 16
 
 
+class VideoTooLarge(ValueError):
+    """A video whose header declares a size past `VideoLimits`; refused before any frame is decoded."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoLimits:
+    """The largest video a header may declare before it is decoded (one 36 MP frame is ~100 MB as RGB).
+
+    Headers are data from the file: a hostile or corrupt one can declare 100000 px wide frames, and each
+    decoded frame would be allocated at that size. 8192 px a side and 36 MP cover 8K video.
+    """
+
+    max_side: int = 8192
+    max_pixels: int = 36_000_000
+    max_frames: int = 10_000_000  # ~28 h at 100 fps: more is a corrupt header, not a video
+
+    def check(self, width: int, height: int, frames: int = 0) -> None:
+        """Raise VideoTooLarge ("too large: 100000x64 ...") if a declared size is past these limits."""
+        if max(width, height) > self.max_side:
+            raise VideoTooLarge(f"too large: {width}x{height} (width x height) is over {self.max_side} px a side")
+        if width * height > self.max_pixels:
+            raise VideoTooLarge(f"too large: {width}x{height} (width x height) is {width * height / 1e6:.1f} MP, "
+                                f"over {self.max_pixels / 1e6:g} MP")
+        if frames > self.max_frames:
+            raise VideoTooLarge(f"too long: {frames} frames, over {self.max_frames}")
+
+
+DEFAULT_LIMITS = VideoLimits()
+
+
 @functools.cache
 def default_codec() -> str:
     """The mp4 video encoder to use: libx264 (h264) when this PyAV build has it, else mpeg4."""
@@ -68,11 +98,15 @@ class _ToRGB:
         return self._converter.reformat(frame, format="rgb24").to_ndarray()
 
 
-def decode_video(data: bytes, *, max_frames: int | None = None) -> np.ndarray:
-    """Encoded video file bytes -> uint8 (T, H, W, 3) RGB frames (first video stream, at most `max_frames`)."""
+def decode_video(data: bytes, *, max_frames: int | None = None, limits: VideoLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Encoded video file bytes -> uint8 (T, H, W, 3) RGB frames (first video stream, at most `max_frames`).
+
+    Raises VideoTooLarge, before decoding, when the header declares a size or frame count past `limits`.
+    """
     frames, to_rgb = [], _ToRGB()
-    with av.open(io.BytesIO(data), mode="r") as container:
-        stream = container.streams.video[0]
+    with _open(data) as container:
+        stream = _video_stream(container)
+        _check_declared(stream, limits, count_frames=max_frames is None)
         stream.thread_type = "AUTO"
         for frame in container.decode(stream):
             frames.append(to_rgb(frame))
@@ -111,29 +145,47 @@ def _video_stream(container):
     return container.streams.video[0]
 
 
-def probe_video(data: bytes) -> VideoInfo:
-    """Frame count, frame rate and size of the first video stream, from the header alone (no decoding)."""
+def declared_frames(stream) -> int:
+    """The frame count a stream's header declares (from its duration when the container has no count; 0: none)."""
+    frames = int(stream.frames or 0)
+    fps = float(stream.average_rate or stream.guessed_rate or 0)
+    if not frames and stream.duration and stream.time_base and fps:  # containers without a frame count
+        frames = int(round(float(stream.duration * stream.time_base) * fps))
+    return frames
+
+
+def _check_declared(stream, limits: VideoLimits, count_frames: bool = True) -> None:
+    """Refuse a stream whose header declares a size (and, with `count_frames`, a length) past `limits`."""
+    limits.check(stream.codec_context.width, stream.codec_context.height,
+                 declared_frames(stream) if count_frames else 0)
+
+
+def probe_video(data: bytes, *, limits: VideoLimits = DEFAULT_LIMITS) -> VideoInfo:
+    """Frame count, frame rate and size of the first video stream, from the header alone (no decoding).
+
+    Raises VideoTooLarge when the header declares a size or frame count past `limits`.
+    """
     with _open(data) as container:
         stream = _video_stream(container)
         fps = float(stream.average_rate or stream.guessed_rate or 0)
-        frames = int(stream.frames or 0)
-        if not frames and stream.duration and fps:  # containers without a frame count
-            frames = int(round(float(stream.duration * stream.time_base) * fps))
+        frames = declared_frames(stream)
         height, width = stream.codec_context.height, stream.codec_context.width
     if frames < 1 or height < 1 or width < 1:
         raise ValueError(f"video stream is empty: {frames} frames of {height}x{width}")
+    limits.check(width, height, frames)
     return VideoInfo(frames, fps, height, width)
 
 
 def decode_frames(data: bytes, indices: Sequence[int], *, size: tuple[int, int] | None = None,
-                  seek: bool = True) -> np.ndarray:
+                  seek: bool = True, limits: VideoLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Frames `indices` (non-decreasing, repeats allowed) of the first video stream -> uint8 (n, H, W, 3).
 
     Decoding stops after the last wanted frame and converts only wanted frames to RGB, scaled to `size`
     (H, W) on the way when given (libswscale bilinear, cheaper than resizing RGB afterwards). With `seek`,
     when the first wanted frame is SEEK_MIN_FRAMES or more in, the demuxer jumps to the key frame before it
     and frame numbers come from timestamps (constant frame rate assumed); if the jump overshoots, the
-    clip is decoded from the start instead. Raises ValueError when the stream ends before a wanted frame.
+    clip is decoded from the start instead. Raises ValueError when the stream ends before a wanted frame, and
+    VideoTooLarge, before decoding, when the header's frame size (or the asked `size`) is past `limits`.
     """
     idx = np.asarray(indices, np.int64)
     if idx.ndim != 1 or idx.size == 0 or idx[0] < 0 or np.any(np.diff(idx) < 0):
@@ -141,8 +193,11 @@ def decode_frames(data: bytes, indices: Sequence[int], *, size: tuple[int, int] 
     wanted, last = set(idx.tolist()), int(idx[-1])
     got: dict[int, np.ndarray] = {}
     to_rgb = _ToRGB(size)
+    if size is not None:
+        limits.check(size[1], size[0])
     with _open(data) as container:
         stream = _video_stream(container)
+        _check_declared(stream, limits, count_frames=False)  # only frames up to the last index are decoded
         stream.thread_type = "AUTO"
         rate, base = stream.average_rate, stream.time_base
         origin = stream.start_time or 0
@@ -154,10 +209,10 @@ def decode_frames(data: bytes, indices: Sequence[int], *, size: tuple[int, int] 
             for frame in container.decode(stream):
                 if by_pts:
                     if frame.pts is None:
-                        return decode_frames(data, indices, size=size, seek=False)
+                        return decode_frames(data, indices, size=size, seek=False, limits=limits)
                     number = int(round(float((frame.pts - origin) * base * rate)))
                     if count == 0 and number > idx[0]:  # landed after the first wanted frame
-                        return decode_frames(data, indices, size=size, seek=False)
+                        return decode_frames(data, indices, size=size, seek=False, limits=limits)
                 else:
                     number = count
                 count += 1

@@ -134,23 +134,116 @@ class ShardedWriter:
                 json.dump(index, f, indent=2)
 
 
+MAX_HEADER_BYTES = 100 * 10**6  # real headers are a few MB; a larger length field is a corrupt or hostile file
+MAX_INDEX_BYTES = 100 * 10**6
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file (or index) that is inconsistent or malformed; the message names the file and tensor."""
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate keys {sorted({k for k in keys if keys.count(k) > 1})[:3]}")
+    return dict(pairs)
+
+
+def _check_entry(path: str, name: str, info, data_bytes: int) -> tuple[int, int]:
+    """(begin, end) of one header entry after checking dtype, shape and offsets against the data section."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise SafetensorsError(f"{where}: entry must hold exactly dtype, shape, data_offsets, got {info!r:.200}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in _DTYPES:
+        raise SafetensorsError(f"{where}: unsupported dtype {dtype!r:.40} (known: {sorted(_DTYPES)})")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+        raise SafetensorsError(f"{where}: shape must be a list of non-negative ints, got {shape!r:.200}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise SafetensorsError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, "
+                               f"got {offsets!r:.80}")
+    begin, end = offsets
+    if end > data_bytes:
+        raise SafetensorsError(f"{where}: data_offsets {offsets} run past the data section ({data_bytes} bytes)")
+    nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+    if end - begin != nbytes:
+        raise SafetensorsError(f"{where}: {dtype} {shape} needs {nbytes} bytes, data_offsets {offsets} hold "
+                               f"{end - begin}")
+    return begin, end
+
+
 def _read_header(path: str) -> tuple[dict, int]:
+    """(tensor name -> {dtype, shape, data_offsets}, data start) of one file, validated before any tensor is read.
+
+    Checked: the length field against the file size and MAX_HEADER_BYTES, the JSON (a dict, no duplicate
+    keys), each entry's dtype, shape and offsets (inside the data section, the size its dtype and shape
+    need) and that no two tensors overlap. Raises SafetensorsError naming the file (and tensor).
+    """
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
+        if size < 8:
+            raise SafetensorsError(f"{path}: {size} bytes is too short for a safetensors file")
         (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
+        if n > size - 8 or n > MAX_HEADER_BYTES:
+            raise SafetensorsError(f"{path}: header length field says {n} bytes, the file has {size - 8} after "
+                                   f"it (limit {MAX_HEADER_BYTES}); corrupt or not a safetensors file")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: header is a JSON {type(header).__name__}, expected an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise SafetensorsError(f"{path}: __metadata__ must be an object, got {type(metadata).__name__}")
+    data_bytes = size - 8 - n
+    spans = sorted((_check_entry(path, name, info, data_bytes), name) for name, info in header.items())
+    reach, owner = 0, None  # the furthest end so far and its tensor
+    for (begin, end), name in spans:
+        if begin < reach and end > begin:  # empty tensors hold no bytes and may share an offset
+            raise SafetensorsError(f"{path}: tensor {name!r} overlaps tensor {owner!r} in the data section")
+        if end > reach:
+            reach, owner = end, name
     return header, 8 + n
 
 
+def _read_index(path: str, folder: str) -> dict[str, str]:
+    """The weight map (tensor -> shard file name) of an index json; shard names must be plain names in `folder`."""
+    if os.path.getsize(path) > MAX_INDEX_BYTES:
+        raise SafetensorsError(f"{path}: {os.path.getsize(path)} bytes is larger than an index can be "
+                               f"(limit {MAX_INDEX_BYTES})")
+    try:
+        with open(path, "rb") as f:
+            weight_map = json.loads(f.read().decode("utf-8")).get("weight_map")
+    except (UnicodeDecodeError, ValueError, AttributeError, RecursionError) as e:
+        raise SafetensorsError(f"{path}: not a safetensors index json ({e})") from e
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SafetensorsError(f"{path}: weight_map must be a non-empty object of tensor name -> shard file")
+    for name, file in weight_map.items():
+        # A plain file name: no folders, no `..`, not absolute, so every shard lies in `folder` itself.
+        if not (isinstance(file, str) and file.endswith(".safetensors") and file == os.path.basename(file)
+                and not any(c in file for c in "/\\\0")):
+            raise SafetensorsError(f"{path}: tensor {name!r} points at {file!r:.200}, not a .safetensors file "
+                                   f"in {folder}")
+    return weight_map
+
+
 class SafetensorsFolder:
-    """Lazy reader of a folder's `<prefix>.safetensors` (or its shards via the index json)."""
+    """Lazy reader of a folder's `<prefix>.safetensors` (or its shards via the index json).
+
+    Every header is validated when the folder is opened (see `_read_header`), before any tensor is read.
+    """
 
     def __init__(self, folder: str, prefix: str):
         index = os.path.join(folder, f"{prefix}.safetensors.index.json")
         single = os.path.join(folder, f"{prefix}.safetensors")
+        weight_map = None
         if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = _read_index(index, folder)
+            files = sorted(set(weight_map.values()))
         elif os.path.isfile(single):
             files = [f"{prefix}.safetensors"]
         else:
@@ -161,9 +254,19 @@ class SafetensorsFolder:
         self._where: dict[str, tuple[str, dict, int]] = {}
         for name in files:
             path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{index} lists shard {name}, which is missing")
             header, start = _read_header(path)
             for key, info in header.items():
+                if key in self._where:
+                    raise SafetensorsError(f"tensor {key!r} is in both {self._where[key][0]} and {path}")
                 self._where[key] = (path, info, start)
+        if weight_map is not None:
+            wrong = [(k, f) for k, f in weight_map.items()
+                     if k not in self._where or os.path.basename(self._where[k][0]) != f]
+            if wrong:
+                raise SafetensorsError(f"{index}: {len(wrong)} tensors are not in the shard it names, "
+                                       f"e.g. {wrong[0][0]!r} -> {wrong[0][1]}")
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -181,5 +284,7 @@ class SafetensorsFolder:
         raw = bytearray(end - begin)  # read straight into the array's buffer: one copy of the tensor in memory
         with open(path, "rb") as f:
             f.seek(start + begin)
-            f.readinto(raw)
+            got = f.readinto(raw)
+        if got != end - begin:  # the file shrank since its header was checked
+            raise SafetensorsError(f"{path}: tensor {name!r}: read {got} of its {end - begin} bytes (truncated file)")
         return np.frombuffer(raw, dtype).reshape(info["shape"])

@@ -123,8 +123,8 @@ def test_csv_cuts_resizes_and_skips_bad_rows(videos, tmp_path):
     with open(csv_path, "w", newline="") as f:
         csv.writer(f).writerows([("path", "caption", "start", "end")]
                                 + [(os.path.join(rel, r[0]), *r[1:]) for r in rows])
-    out = str(tmp_path / "out")
-    section = convert_videos(csv_path, out, num_shards=2, options=ConvertOptions(max_side=64))
+    out = str(tmp_path / "out")  # the captions file's folder holds the output: the videos' folder is the root
+    section = convert_videos(csv_path, out, num_shards=2, options=ConvertOptions(max_side=64), input_root=root)
     reasons = {e["index"]: e["reason"] for e in section["skipped"]}
     assert reasons == {2: "file not found", 3: "start 2 s is at or past the end of the video (0.640 s)",
                        4: "end 3 s is past the end of the video (0.640 s)", 5: "empty caption",
@@ -166,11 +166,12 @@ def test_jsonl_cli_serial_equals_two_workers(videos, tmp_path):
         f.write("\n".join(lines) + "\n")
     serial, parallel = str(tmp_path / "serial"), str(tmp_path / "parallel")
     cmd = [sys.executable, "-m", "data_pipelines.convert_videos", f"--input={jsonl}", f"--output={serial}",
-           "--num_shards=3", "--max_side=96"]
+           "--num_shards=3", "--max_side=96", f"--input_root={root}"]  # the symlinks point into root
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["written"] == 3
-    section = convert_videos(jsonl, parallel, num_shards=3, num_workers=2, options=ConvertOptions(max_side=96))
+    section = convert_videos(jsonl, parallel, num_shards=3, num_workers=2, options=ConvertOptions(max_side=96),
+                             input_root=root)
     assert section == load_manifest(serial)
     assert {e["path"]: e["reason"] for e in section["skipped"]} == {
         "captions.jsonl:2": "line 2 is not valid JSON: Expecting property name enclosed in double quotes",

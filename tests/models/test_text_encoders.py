@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from klingjax.models import text_encoders
+from klingjax.models import frozen_text
 from klingjax.models.text_encoders import load_minilm, load_text_encoder, minilm_dir
 
 
@@ -95,7 +95,7 @@ def test_matches_independent_numpy_bert(encoder):
 
 def test_encoder_is_frozen(encoder):
     ids, mask = encoder.tokenize(["frozen"], max_len=8)
-    grads = jax.grad(lambda p: text_encoders._encode(encoder._graphdef, p, ids, mask).sum())(encoder._params)
+    grads = jax.grad(lambda p: frozen_text._encode(encoder._graphdef, p, ids, mask).sum())(encoder._params)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
 
 
