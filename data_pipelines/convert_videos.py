@@ -4,7 +4,7 @@
         [--input_root DIR] [--num_shards 8] [--num_workers 4] [--split train] [--max_side 256] [--min_frames 17]
         [--reencode]
 
-Inputs (see `klingjax.data.probe.list_inputs`): a folder of videos with sidecar captions (a.mp4 + a.txt),
+Inputs (see `klingjax.data.inputs.list_inputs`): a folder of videos with sidecar captions (a.mp4 + a.txt),
 or a CSV / JSONL with `path, caption[, start, end]` rows. Only files inside the input root are read: the
 folder, or the captions file's folder, or `--input_root`. A row whose path resolves outside it (`..`, an
 absolute path elsewhere, a symlink pointing out) is skipped with the reason; a clip whose header declares
@@ -33,7 +33,8 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from klingjax.data.probe import ClipError, ClipInput, default_root, input_record, inside, list_inputs
+from klingjax.data.inputs import ClipInput, default_root, inside, list_inputs
+from klingjax.data.probe import ClipError, input_record
 from klingjax.data.records import list_shards, shard_path, write_shards
 from klingjax.data.video_io import VideoLimits
 

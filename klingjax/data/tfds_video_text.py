@@ -7,7 +7,7 @@ Build (no TensorFlow needed; `file_format="array_record"` is required for random
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=VIDEOS))
 
 VIDEOS holds videos with sidecar captions (a.mp4 + a.txt), or a captions.csv / captions.jsonl with
-`path, caption[, start, end]` rows (see `klingjax.data.probe.list_inputs`). Clips are validated, cut and
+`path, caption[, start, end]` rows (see `klingjax.data.inputs.list_inputs`). Clips are validated, cut and
 resized exactly as `data_pipelines/convert_videos.py` does; each example keeps the *encoded* mp4 bytes
 (no frame tensors). Unusable inputs are left out and listed in `builder.info.metadata["skipped"]`.
 
@@ -31,7 +31,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from klingjax.data.probe import ClipError, input_record, list_inputs
+from klingjax.data.inputs import list_inputs
+from klingjax.data.probe import ClipError, input_record
 from klingjax.data.records import encode_record, make_video_record
 
 CAPTION_FILES = ("captions.csv", "captions.jsonl")  # looked for in manual_dir when no captions file is configured

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from data_pipelines.convert_videos import PARTS_DIR, ConvertOptions, convert_videos, load_manifest
+from klingjax.data.inputs import list_inputs
 from klingjax.data.pipeline import decode_video_record
-from klingjax.data.probe import ClipError, list_inputs, load_clip, target_size
+from klingjax.data.probe import ClipError, load_clip, target_size
 from klingjax.data.records import decode_record, list_shards
 from klingjax.data.video_io import decode_video
 

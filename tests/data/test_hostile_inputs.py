@@ -27,8 +27,9 @@ import pytest
 
 from data_pipelines import convert_videos as cv
 from klingjax.data.buckets import BucketSpec
+from klingjax.data.inputs import list_inputs
 from klingjax.data.pipeline import VideoDecoder, decode_video_record, make_dataset, num_decode_failures
-from klingjax.data.probe import ClipError, list_inputs, load_clip
+from klingjax.data.probe import ClipError, load_clip
 from klingjax.data.records import encode_record, make_video_record
 from klingjax.data.sampling import video_metadata
 from klingjax.data.video_io import VideoLimits, VideoTooLarge, decode_frames, decode_video, encode_mp4, probe_video
