@@ -96,6 +96,11 @@ class StageConfig:
     sample_every: int = 0  # 0: only at the end
     init_from: str = ""  # fresh start only: load model params (model + EMA) from this stage/checkpoint dir
     init_from_ema: bool = True  # take the EMA params of `init_from` (else the raw model params)
+    # Step guard (klingjax.train.guard): a step with a non-finite loss / gradient norm (or a loss spike) is skipped;
+    # more than this many consecutive skips stop the run (0: stop at the first).
+    max_nonfinite_steps: int = 0
+    loss_spike_factor: float = 0.0  # > 1: also skip a step whose loss > factor x the running median; 0: off
+    loss_spike_window: int = 32  # accepted losses in that running median (a ring buffer in the checkpoint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +246,7 @@ def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Expe
             raise ConfigError(f"config key '{name}.num_frames': {s.num_frames} must be 1 + 4k and <= data.num_frames")
         if s.optim.lr <= 0:
             raise ConfigError(f"config key '{name}.optim.lr': must be positive, got {s.optim.lr}")
+        _check_guard(name, s)
     if not 0.0 <= exp.dit.caption_dropout < 1.0:
         raise ConfigError(f"config key 'dit.caption_dropout': must be in [0, 1), got {exp.dit.caption_dropout}")
     _check_vae_losses(exp)
@@ -250,6 +256,16 @@ def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Expe
     if exp.eval.fvd and exp.data.num_frames < 9:
         raise ConfigError("config key 'data.num_frames': FVD's I3D needs >= 9 frames (or set eval.fvd=False)")
     return exp
+
+
+def _check_guard(name: str, s: StageConfig) -> None:
+    """The step-guard keys of stage `name`."""
+    if s.max_nonfinite_steps < 0:
+        raise ConfigError(f"config key '{name}.max_nonfinite_steps': must be >= 0, got {s.max_nonfinite_steps}")
+    if s.loss_spike_factor != 0 and not s.loss_spike_factor > 1:
+        raise ConfigError(f"config key '{name}.loss_spike_factor': must be 0 (off) or > 1, got {s.loss_spike_factor}")
+    if s.loss_spike_window < 1:
+        raise ConfigError(f"config key '{name}.loss_spike_window': must be >= 1, got {s.loss_spike_window}")
 
 
 def _check_vae_losses(exp: ExperimentConfig) -> None:

@@ -22,7 +22,9 @@ from flax import nnx
 from klingjax.train.checkpoint import (  # noqa: F401  (re-exported: the export side reads them from here)
     STAGES,
     ArchitectureError,
+    CorruptCheckpointError,
     StageCheckpoint,
+    describe_error,
     find_checkpoints,
     list_steps,
 )
@@ -35,9 +37,12 @@ class OrbaxLeaves:
         meta_file = os.path.join(state_dir, "_METADATA")
         if not os.path.isfile(meta_file):
             raise FileNotFoundError(f"{state_dir} is not an Orbax PyTree checkpoint (no _METADATA)")
-        with open(meta_file) as f:
-            meta = json.load(f)
         self.state_dir = state_dir
+        try:
+            with open(meta_file) as f:
+                meta = json.load(f)
+        except ValueError as e:
+            raise self._corrupt("_METADATA", e) from None
         self._driver = "zarr3" if meta.get("use_zarr3") else "zarr"
         self._ocdbt = bool(meta.get("use_ocdbt"))
         self.paths: list[tuple[str, ...]] = []
@@ -59,8 +64,16 @@ class OrbaxLeaves:
             else:
                 kvstore = {"driver": "file", "path": os.path.join(self.state_dir, self._key(path))}
             spec = {"driver": self._driver, "kvstore": kvstore}
-            self._stores[path] = ts.open(spec, open=True, read=True, context=self._context).result()
+            try:
+                self._stores[path] = ts.open(spec, open=True, read=True, context=self._context).result()
+            except Exception as e:  # noqa: BLE001 - TensorStore reports unreadable files as a bare Exception
+                raise self._corrupt(self._key(path), e) from None
         return self._stores[path]
+
+    def _corrupt(self, what: str, e: BaseException) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"checkpoint {self.state_dir} is unreadable: reading {what}: "
+                                      f"{describe_error(e)}. It is truncated, corrupt or was not completely written; "
+                                      "choose another step with --step")
 
     def shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
         return tuple(self._open(path).shape)
@@ -84,7 +97,11 @@ class OrbaxLeaves:
         out = np.empty(tuple(shape[a] for a in axes), store.dtype.numpy_dtype)
         for corner in itertools.product(*(range(0, n, c) for n, c in zip(shape, chunk))):
             box = tuple(slice(b, min(b + c, n)) for b, c, n in zip(corner, chunk, shape))
-            out[tuple(box[a] for a in axes)] = np.transpose(store[box].read().result(), axes)
+            try:
+                block = store[box].read().result()
+            except Exception as e:  # noqa: BLE001
+                raise self._corrupt(self._key(path), e) from None
+            out[tuple(box[a] for a in axes)] = np.transpose(block, axes)
             release_free_memory()
         return out
 

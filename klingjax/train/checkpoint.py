@@ -3,18 +3,31 @@
 Also: finding a stage's checkpoints on disk (`find_checkpoints`) and the params-only restore of a model or its
 EMA (`restore_params`, `restore_model`) that sampling, export and `init_from` use: it reads the `model` (or
 `ema`) subtree alone into an abstract model, so no optimizer state is ever allocated.
+
+Faults. Resuming training (`Checkpointer.restore_latest`) falls back: a newest checkpoint that cannot be read
+(truncated or corrupt files) or holds non-finite values is skipped with a warning naming the step and the error,
+and the next older one is used; the bad ones are then moved aside to `<checkpoints>_corrupt/`. Readers of one
+chosen checkpoint (export, generation, `init_from`) do not fall back, since the user named what to read: they
+raise `CorruptCheckpointError` naming the checkpoint, what is wrong and the other steps there. A failing save
+(disk full, permissions) raises `CheckpointSaveError` naming the step, the directory and the cause; Orbax writes
+each step into a temporary directory renamed only when complete, so the checkpoints already on disk stay intact.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import re
+import shutil
 import signal
 import threading
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -22,14 +35,32 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from klingjax.sharding.rules import Rules
+from klingjax.train.guard import state_is_finite
 from klingjax.train.state import state_shardings
 
+# TensorStore's status prefixes for files that cannot be read (truncated, missing, garbled); a shape mismatch has none.
+_IO_STATUS = re.compile(r"(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|UNKNOWN|INTERNAL|UNAVAILABLE): ")
 _SAVE_ARGS = ocp.SaveArgs(chunk_byte_size=256 * 2**20)  # at most 256 MiB per stored chunk
 STAGES = ("dit", "vae")
 
 
 class ArchitectureError(ValueError):
     """The checkpoint's parameters do not fit the model its config describes."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint on disk cannot be read: truncated, corrupt or half-written files."""
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (disk full, permissions, ...); the checkpoints already on disk are intact."""
+
+
+def describe_error(e: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, shortened (TensorStore errors carry a whole spec)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +84,31 @@ def list_steps(directory: str) -> list[int]:
                   if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state")))
 
 
+def _other_steps(ckpt: StageCheckpoint) -> str:
+    others = [s for s in list_steps(ckpt.directory) if s != ckpt.step]
+    return (f"other checkpoints there: steps {others} (choose one with --step / step=)" if others
+            else "there is no other checkpoint there")
+
+
+def corrupt_error(ckpt: StageCheckpoint, what: str) -> CorruptCheckpointError:
+    """The error for an unreadable checkpoint: which one, what is wrong, what else there is."""
+    return CorruptCheckpointError(f"{ckpt.stage} checkpoint step {ckpt.step} ({ckpt.state_dir}) is unreadable: "
+                                  f"{what}. It is truncated, corrupt or was not completely written; "
+                                  f"{_other_steps(ckpt)}")
+
+
+def check_metadata(ckpt: StageCheckpoint) -> None:
+    """Raise CorruptCheckpointError unless the step's `state/_METADATA` (the array index) exists and parses."""
+    meta = os.path.join(ckpt.state_dir, "_METADATA")
+    if not os.path.isfile(meta):
+        raise corrupt_error(ckpt, "state/_METADATA is missing")
+    try:
+        with open(meta) as f:
+            json.load(f)["tree_metadata"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise corrupt_error(ckpt, f"state/_METADATA does not parse ({describe_error(e)})") from None
+
+
 def _pick_step(stage: str, directory: str, step: int | None) -> StageCheckpoint:
     steps = list_steps(directory)
     if not steps:
@@ -61,7 +117,9 @@ def _pick_step(stage: str, directory: str, step: int | None) -> StageCheckpoint:
         step = steps[-1]
     elif step not in steps:
         raise FileNotFoundError(f"{stage}: no checkpoint for step {step} in {directory}; available steps: {steps}")
-    return StageCheckpoint(stage, directory, step)
+    ckpt = StageCheckpoint(stage, directory, step)
+    check_metadata(ckpt)
+    return ckpt
 
 
 def find_checkpoints(path: str, step: int | None = None) -> tuple[str, list[StageCheckpoint]]:
@@ -107,6 +165,7 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data_iter"))
+        self._pending: int | None = None  # the step an async save is writing
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
@@ -115,20 +174,41 @@ class Checkpointer:
         return list(self._mngr.all_steps())
 
     def save(self, step: int, state: nnx.State, data_iter_state: dict[str, Any] | None, *, force: bool = False) -> bool:
-        """Start an (async) save of `state` and the iterator state at `step`."""
-        saved = self._mngr.save(
-            step,
-            args=ocp.args.Composite(
-                # Bounded chunks: readers (klingjax-export) can then stream one chunk at a time instead of
-                # loading a whole stacked (layers, ...) array.
-                state=ocp.args.StandardSave(state, save_args=jax.tree.map(lambda _: _SAVE_ARGS, state)),
-                data_iter=ocp.args.JsonSave(data_iter_state or {}),
-            ),
-            force=force,
-        )
+        """Start an (async) save of `state` and the iterator state at `step`.
+
+        Raises CheckpointSaveError if this save, or the previous async one, fails.
+        """
+        self.wait()  # the previous save's error (if any) is reported under its own step
+        try:
+            saved = self._mngr.save(
+                step,
+                args=ocp.args.Composite(
+                    # Bounded chunks: readers (klingjax-export) can then stream one chunk at a time instead of
+                    # loading a whole stacked (layers, ...) array.
+                    state=ocp.args.StandardSave(state, save_args=jax.tree.map(lambda _: _SAVE_ARGS, state)),
+                    data_iter=ocp.args.JsonSave(data_iter_state or {}),
+                ),
+                force=force,
+            )
+        except Exception as e:  # noqa: BLE001 - any failure to write becomes one clear error
+            raise self._save_error(step, e) from e
         if saved:
+            self._pending = step
             logging.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
+
+    def _save_error(self, step: int | None, e: BaseException) -> CheckpointSaveError:
+        cause, chain = describe_error(e), e
+        while chain is not None:
+            if isinstance(chain, OSError) and chain.errno == errno.ENOSPC or "No space left" in str(chain):
+                cause = f"the disk is full ({cause})"
+                break
+            chain = chain.__cause__ or chain.__context__
+        done = list_steps(self.directory)
+        return CheckpointSaveError(
+            f"checkpoint: saving step {step} to {self.directory} failed: {cause}. The checkpoints already written "
+            f"are intact ({'steps ' + str(done) if done else 'none'}); fix the cause and rerun to resume "
+            f"{'from step ' + str(done[-1]) if done else 'from scratch'}.")
 
     def restore(self, step: int | None, abstract_state: nnx.State) -> tuple[nnx.State, dict[str, Any]]:
         """Restore `step` (latest if None) into `abstract_state` (ShapeDtypeStructs carrying shardings)."""
@@ -137,18 +217,87 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         if step not in self.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}")
+        # A checkpoint written before the step guard existed has no `guard` subtree: restore the rest, start the
+        # guard's counters afresh (they are all zeros at the start of training).
+        keys = _top_level_keys(self.directory, step)
+        fresh = "guard" in abstract_state and bool(keys) and "guard" not in keys
+        target = nnx.State({k: abstract_state[k] for k in abstract_state if k != "guard"}) if fresh else abstract_state
         restored = self._mngr.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data_iter=ocp.args.JsonRestore()),
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data_iter=ocp.args.JsonRestore()),
         )
-        return restored["state"], dict(restored["data_iter"] or {})
+        state = restored["state"]
+        if fresh:
+            logging.warning("checkpoint step %d predates the step guard: its skip counters start at zero", step)
+            got = {path: leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+            paths, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
+            state = jax.tree_util.tree_unflatten(treedef, [
+                got[p] if p in got else jnp.zeros(a.shape, a.dtype, device=a.sharding) for p, a in paths])
+        return state, dict(restored["data_iter"] or {})
+
+    def restore_latest(self, abstract_state: nnx.State) -> tuple[int, nnx.State, dict[str, Any]] | None:
+        """(step, state, iterator state) of the newest good checkpoint; None if there is none.
+
+        A checkpoint that fails to restore or holds non-finite values is skipped with a warning, and the next older
+        one is tried. Once a good one is found the bad ones are moved to `<directory>_corrupt/`, so that this run
+        can write those steps again. If none is good, CorruptCheckpointError lists every step and its error and
+        nothing is moved (a config that no longer fits any checkpoint is not corruption).
+        """
+        failures: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, iter_state = self.restore(step, abstract_state)
+                if not state_is_finite(state):
+                    raise CorruptCheckpointError("it holds NaN or Inf values")
+            except Exception as e:  # noqa: BLE001 - whatever is wrong with it, an older one may be good
+                failures.append((step, describe_error(e)))
+                logging.warning("checkpoint step %d in %s is unreadable (%s); trying the next older one", step,
+                                self.directory, failures[-1][1])
+                continue
+            if failures:
+                self._quarantine([s for s, _ in failures])
+                logging.warning("resuming from checkpoint step %d: the newer step(s) %s were unreadable and are moved "
+                                "to %s_corrupt/", step, [s for s, _ in failures], self.directory)
+            return step, state, iter_state
+        if failures:
+            tried = "\n".join(f"  step {s}: {err}" for s, err in failures)
+            raise CorruptCheckpointError(f"no checkpoint in {self.directory} can be restored:\n{tried}\n(if the "
+                                         "config changed since they were written, they do not fit this model)")
+        return None
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Move unreadable step directories out of the manager's directory (host 0), then re-list the steps."""
+        if jax.process_index() == 0:
+            aside = f"{self.directory}_corrupt"
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                src = os.path.join(self.directory, str(step))
+                if os.path.exists(src):
+                    shutil.move(src, os.path.join(aside, f"{step}-{int(time.time())}"))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("checkpoint_quarantine")
+        self._mngr.reload()
 
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        """Wait for the pending async save; raises CheckpointSaveError if it failed."""
+        step, self._pending = self._pending, None
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(step, e) from e
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
+        self.wait()
         self._mngr.close()
+
+
+def _top_level_keys(directory: str, step: int) -> set[str]:
+    """The top-level keys of a step's saved state, from its `_METADATA` (empty set if it cannot be read)."""
+    try:
+        with open(os.path.join(directory, str(step), "state", "_METADATA")) as f:
+            entries = json.load(f)["tree_metadata"].values()
+        return {str(e["key_metadata"][0]["key"]) for e in entries}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return set()
 
 
 def gather_iterator_states(local_state: dict[str, Any]) -> dict[str, Any]:
@@ -201,7 +350,7 @@ def restore_params(checkpoint: str, abstract_model: nnx.Module, *, step: int | N
     `shardings` (same structure, NamedShardings) places the arrays on a mesh. Raises ArchitectureError when
     shapes differ.
     """
-    _, (ckpt,) = find_checkpoints(checkpoint, step)
+    _, (ckpt,) = find_checkpoints(checkpoint, step)  # checks the step's array index (_METADATA)
     abstract = nnx.state(abstract_model)
     if shardings is None:
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -214,8 +363,10 @@ def restore_params(checkpoint: str, abstract_model: nnx.Module, *, step: int | N
             ckpt.state_dir,
             args=ocp.args.PyTreeRestore(item={key: target}, restore_args={key: restore_args}, partial_restore=True),
         )
-    except ValueError as e:
-        raise ArchitectureError(f"{ckpt.state_dir} does not fit the given model: {e}") from e
+    except Exception as e:  # noqa: BLE001 - TensorStore reports unreadable files as ValueError or bare Exception
+        if isinstance(e, ValueError) and not _IO_STATUS.match(str(e)):
+            raise ArchitectureError(f"{ckpt.state_dir} does not fit the given model: {e}") from e
+        raise corrupt_error(ckpt, describe_error(e)) from e
     return restored[key]
 
 

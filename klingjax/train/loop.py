@@ -1,4 +1,11 @@
-"""One sectioned train loop for every stage: setup -> data -> state -> restore -> compile -> train -> save."""
+"""One sectioned train loop for every stage: setup -> data -> state -> restore -> compile -> train -> save.
+
+Faults: the compiled step skips non-finite (or spiking) steps (`klingjax.train.guard`); the loop reads the guard's
+counters at every metric fetch and before every save, and raises `NonFiniteStepError` (saving nothing more) once
+more than `max_nonfinite_steps` consecutive steps were skipped. Before each save the whole state is also checked
+finite (one jitted reduction, one scalar fetched). Resume falls back past unreadable checkpoints
+(`Checkpointer.restore_latest`).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from tqdm import tqdm
 from klingjax.config import StageConfig
 from klingjax.layout import checkpoint_dir, stage_dir
 from klingjax.sharding.rules import get_rules
+from klingjax.train import guard as step_guard
 from klingjax.train.batch import global_batch
 from klingjax.train.checkpoint import (
     Checkpointer,
@@ -78,7 +86,8 @@ def _create_trainer(spec: StageSpec, cfg: StageConfig, mesh: jax.sharding.Mesh, 
     """The stage's sharded trainer (with its discriminator, if the stage has one)."""
     player = spec.player
     return create_trainer(spec.make_model, make_optimizer(cfg.optim, cfg.steps), mesh, rules, seed,
-                          make_disc=player.make if player else None, disc_tx=player.tx if player else None)
+                          make_disc=player.make if player else None, disc_tx=player.tx if player else None,
+                          guard_window=cfg.loss_spike_window)
 
 
 def _init_from(st, state: nnx.State, cfg: StageConfig) -> nnx.State:
@@ -125,8 +134,13 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
     # --- Restore -----------------------------------------------------------------------------------
     ckpt = Checkpointer(checkpoint_dir(workdir, spec.name), keep=cfg.keep_checkpoints)
     state, start = st.state, 0
-    if (latest := ckpt.latest_step()) is not None:
-        state, iter_state = ckpt.restore(latest, abstract_with_shardings(st.abstract_state, st.shardings))
+    try:
+        restored = ckpt.restore_latest(abstract_with_shardings(st.abstract_state, st.shardings))
+    except Exception:
+        ckpt.close()
+        raise
+    if restored is not None:
+        latest, state, iter_state = restored
         if (own := local_iterator_state(iter_state)) is not None:
             data_iter.set_state(own)
         start = latest
@@ -142,7 +156,8 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
     # --- Compile step 0 ahead of time, log memory --------------------------------------------------
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         train_step = make_train_step(st.graphdef, spec.loss_fn, ema_decay=cfg.optim.ema_decay,
-                                     player_update=spec.player.update if spec.player else None, frozen=bool(extra))
+                                     player_update=spec.player.update if spec.player else None, frozen=bool(extra),
+                                     guard=step_guard.GuardConfig(spike_factor=cfg.loss_spike_factor))
         step_fn = compile_train_step(train_step, st.shardings, mesh, frozen=bool(extra))
         local = next(data_iter)
         batch = global_batch(spec.to_batch(local), batch_sharding(mesh))
@@ -157,6 +172,25 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
     summary: dict[str, Any] = {"start_step": start}
     ran, t_last, step = 0, time.time(), start
     bar = tqdm(total=cfg.steps, initial=start, desc=spec.name, disable=proc != 0, mininterval=2.0)
+
+    def stop_if_unhealthy(state: nnx.State, *, saving: bool) -> None:
+        """Raise NonFiniteStepError (after closing the writers) if the run must stop; before a save, also if the
+        state is not finite. A few scalars are fetched."""
+        rep = step_guard.report(state)
+        streak_too_long = rep["worst_streak"] > cfg.max_nonfinite_steps
+        if not streak_too_long and not (saving and not step_guard.state_is_finite(state)):
+            return
+        ckpt.wait()  # the message names the last complete checkpoint
+        message = step_guard.stop_message(spec.name, rep, cfg.max_nonfinite_steps, ckpt.latest_step()) or (
+            f"{spec.name}: the train state at step {step} holds NaN or Inf values; it is not saved (last checkpoint: "
+            f"step {ckpt.latest_step()}). Rerun to resume from there.")
+        logging.error(message)
+        writer.write(step, {"skipped_steps": rep["skipped"], "stopped": message})
+        bar.close()
+        ckpt.close()
+        writer.close()
+        raise step_guard.NonFiniteStepError(message)
+
     with PreemptionGuard() as guard, jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         pending = local  # the batch drawn for compilation is the first one trained on
         while step < cfg.steps:
@@ -173,13 +207,17 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
             if step % cfg.log_every == 0 or step == cfg.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.time()
-                metrics.update(lr=float(lr(step - 1)), data_fingerprint=fingerprint,
+                applied = step - 1 - int(metrics.get("skipped_steps", 0) - metrics.get("skipped", 0))  # optimizer step
+                metrics.update(lr=float(lr(applied)), data_fingerprint=fingerprint,
                                steps_per_sec=cfg.log_every / max(now - t_last, 1e-9))
                 t_last = now
                 writer.write(step, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 summary["loss"] = metrics["loss"]
+                if metrics.get("skipped_steps"):
+                    stop_if_unhealthy(state, saving=False)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
+                stop_if_unhealthy(state, saving=True)  # never save after a streak past the limit, nor NaN/Inf
                 # The iterator state now points at the batch the next step will use.
                 ckpt.save(step, state, gather_iterator_states(data_iter.get_state()), force=True)
             if spec.on_sample and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps):
@@ -192,5 +230,5 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
     bar.close()
     ckpt.close()
     writer.close()
-    summary.update(step=step, finished=step >= cfg.steps)
+    summary.update(step=step, finished=step >= cfg.steps, skipped_steps=step_guard.report(state)["skipped"])
     return summary

@@ -13,6 +13,7 @@ from klingjax import layout
 from klingjax.config import ExperimentConfig
 from klingjax.data.pipeline import decode_video_record, make_dataset
 from klingjax.data.records import list_shards
+from klingjax.data.shard_check import ShardCheckIterDataset
 from klingjax.diffusion import losses, schedules
 from klingjax.models.discriminator import DiscriminatorConfig, PatchDiscriminator3D
 from klingjax.models.dit import WanDiT
@@ -55,9 +56,10 @@ def vae_stage(exp: ExperimentConfig, workdir: str, on_sample=None) -> StageSpec:
         # A causal VAE is convolutional in time: short clips train it for any length, at a fraction of the cost.
         frames = cfg.num_frames or d.num_frames
         decode = functools.partial(_video_only, num_frames=frames, height=d.height, width=d.width)
-        return make_dataset(list_shards(layout.data_dir(exp, workdir), "train"), decode=decode, batch_size=per_host,
-                            seed=seed, shuffle=True, num_epochs=None, process_index=index, process_count=count,
-                            worker_count=d.worker_count)
+        shards = list_shards(layout.data_dir(exp, workdir), "train")
+        ds = make_dataset(shards, decode=decode, batch_size=per_host, seed=seed, shuffle=True, num_epochs=None,
+                          process_index=index, process_count=count, worker_count=d.worker_count)
+        return ShardCheckIterDataset(ds, shards)  # a changed shard set is reported on resume
 
     loss_fn = functools.partial(vae_loss, cfg=cfg.loss, disc=cfg.disc)
     return StageSpec("vae", "vae", make_model, loss_fn, dataset, video_batch, on_sample, player=player, frozen=frozen)
@@ -108,9 +110,10 @@ def dit_stage(exp: ExperimentConfig, workdir: str, null_text: tuple[np.ndarray, 
     def dataset(per_host: int, seed: int, index: int, count: int):
         mean, std = layout.load_latent_stats(workdir)
         decode = functools.partial(_latent_example, mean=mean, std=std)
-        return make_dataset(list_shards(layout.latent_dir(workdir), "train"), decode=decode, batch_size=per_host,
-                            seed=seed, shuffle=True, num_epochs=None, process_index=index, process_count=count,
-                            worker_count=exp.data.worker_count)
+        shards = list_shards(layout.latent_dir(workdir), "train")
+        ds = make_dataset(shards, decode=decode, batch_size=per_host, seed=seed, shuffle=True, num_epochs=None,
+                          process_index=index, process_count=count, worker_count=exp.data.worker_count)
+        return ShardCheckIterDataset(ds, shards)
 
     return StageSpec("dit", "dit", make_model, loss_fn, dataset, latent_batch, on_sample)
 

@@ -12,19 +12,21 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from klingjax.sharding.rules import Rules, fit_spec_to_shape, logical_to_mesh
+from klingjax.train.guard import StepGuard
 
 
 class Trainer(nnx.Module):
     """Everything a train step updates: the model, its optimiser state and an EMA copy of the params.
 
     Optionally a discriminator with its own optimiser (VAE GAN training). Without one, `disc` and
-    `disc_optimizer` are None, which NNX keeps out of the state: the checkpoint tree is `{model, optimizer, ema}`.
+    `disc_optimizer` are None, which NNX keeps out of the state: the checkpoint tree is
+    `{model, optimizer, ema, guard}` (`guard`: the step guard's skip counters and loss ring buffer).
     With one it adds the top-level `disc` and `disc_optimizer` subtrees, so `model` and `ema` (what export,
     `init_from` and the generator loaders read) stay exactly the model's params.
     """
 
     def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, disc: nnx.Module | None = None,
-                 disc_tx: optax.GradientTransformation | None = None):
+                 disc_tx: optax.GradientTransformation | None = None, *, guard_window: int = 32):
         if (disc is None) != (disc_tx is None):
             raise ValueError("Trainer: a discriminator needs its own optimiser (pass disc and disc_tx, or neither)")
         self.model = model
@@ -32,6 +34,7 @@ class Trainer(nnx.Module):
         self.ema = nnx.clone(model)  # EMA of params; initialised to the params (bias-free from step 0).
         self.disc = disc
         self.disc_optimizer = nnx.Optimizer(disc, disc_tx, wrt=nnx.Param) if disc is not None else None
+        self.guard = StepGuard(guard_window)
 
     @property
     def step(self) -> jax.Array:
@@ -73,15 +76,18 @@ def create_trainer(
     *,
     make_disc: Callable[[nnx.Rngs], nnx.Module] | None = None,
     disc_tx: optax.GradientTransformation | None = None,
+    guard_window: int = 32,
 ) -> ShardedTrainer:
     """Build the trainer shape-only, derive shardings, then initialise directly onto the mesh.
 
-    `make_disc` (with `disc_tx`) adds a discriminator, initialised from its own seed stream.
+    `make_disc` (with `disc_tx`) adds a discriminator, initialised from its own seed stream; `guard_window` sizes
+    the step guard's loss ring buffer.
     """
 
     def init() -> Trainer:
         disc = make_disc(nnx.Rngs(jax.random.fold_in(jax.random.key(seed), 1))) if make_disc else None
-        return Trainer(make_model(nnx.Rngs(seed)), tx, disc, disc_tx if make_disc else None)
+        return Trainer(make_model(nnx.Rngs(seed)), tx, disc, disc_tx if make_disc else None,
+                       guard_window=guard_window)
 
     # No mesh is set while building: shardings come from our rules via out_shardings, not from eager
     # placement at creation (flax's eager path does not resolve two dims mapping to one mesh axis).

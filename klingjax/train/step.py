@@ -7,6 +7,9 @@ differentiated w.r.t. the model and that player together, and the stage's `playe
 applies the player's gradients (the VAE stage gates its discriminator by a start step: `vae_losses.disc_update`).
 Such a loss must stop gradients so that each player's part reaches only its own parameters, and it reports the
 model's own objective as `metrics["loss"]`.
+
+With `guard` (the default) a step whose loss or gradient norm is not finite, or whose loss spikes, is not applied:
+see `klingjax.train.guard` (the whole state, optimizer step included, keeps its old value; the skip is counted).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from klingjax.train import guard as step_guard
 from klingjax.train.state import Trainer
 
 
@@ -46,16 +50,20 @@ PlayerUpdate = Callable[[Trainer, nnx.State, jax.Array], dict[str, jax.Array]]
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, *, ema_decay: float,
-                    player_update: PlayerUpdate | None = None, frozen: bool = False):
+                    player_update: PlayerUpdate | None = None, frozen: bool = False,
+                    guard: step_guard.GuardConfig | None = step_guard.DEFAULT_GUARD):
     """Return the pure step; randomness is fold_in(base_key, step) so a resumed run draws the same noise.
 
     `frozen`: the step takes a 4th argument, the frozen pytree, handed to the loss as `ctx.frozen`. A trainer
-    with a second player (`disc`) needs `player_update`, which applies that player's gradients.
+    with a second player (`disc`) needs `player_update`, which applies that player's gradients. `guard`: skip
+    non-finite (or spiking) steps inside the step (None: apply every step, the trainer's guard is left alone).
     """
 
     def train_step(state: nnx.State, batch: Any, base_key: jax.Array, frozen_args=None):
+        old_leaves = jax.tree.leaves(state)  # the arrays a skipped step keeps (taken before merge can alias them)
         trainer: Trainer = nnx.merge(graphdef, state)
         step = trainer.optimizer.step[...]
+        grad_norms = []
         key = jax.random.fold_in(base_key, step)
         metrics = {}
         if trainer.disc is None:
@@ -68,6 +76,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, *, ema_decay: float
             (loss, aux), (grads, d_grads) = nnx.value_and_grad(f, argnums=(0, 1), has_aux=True)(
                 trainer.model, trainer.disc)
             metrics.update(player_update(trainer, d_grads, step))
+            grad_norms.append(optax.tree.norm(d_grads))
         trainer.optimizer.update(trainer.model, grads)
 
         d = ema_decay_at(step, ema_decay)
@@ -77,6 +86,15 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, *, ema_decay: float
 
         # A loss with several players reports its model's own objective as aux["loss"] (overriding the sum).
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics, **aux}
+        if guard is None or trainer.guard is None:
+            return nnx.state(trainer), metrics
+        ok, reason, median = step_guard.decide(trainer.guard, metrics["loss"], [metrics["grad_norm"], *grad_norms],
+                                               guard)
+        loop_step = step + trainer.guard.skipped[...] + 1  # batches consumed, this one included
+        trainer = nnx.merge(graphdef, step_guard.select(ok, nnx.state(trainer), old_leaves))
+        step_guard.record(trainer.guard, ok, reason, metrics["loss"], metrics["grad_norm"], median, loop_step, guard)
+        metrics.update(skipped=(~ok).astype(jnp.int32), skipped_steps=trainer.guard.skipped[...],
+                       nonfinite_streak=trainer.guard.streak[...])
         return nnx.state(trainer), metrics
 
     def train_step_no_frozen(state: nnx.State, batch: Any, base_key: jax.Array):

@@ -189,7 +189,7 @@ def test_lpips_params_reach_the_step_as_arguments_not_state(lpips_params):
     trainer = nnx.eval_shape(lambda: Trainer(CausalVAE(MICRO_VAE, rngs=nnx.Rngs(0)), optax.adam(1e-2),
                                              PatchDiscriminator3D(MICRO_DISC, rngs=nnx.Rngs(1)), optax.adam(1e-2)))
     graphdef, state = nnx.split(trainer)
-    assert set(state.keys()) == {"model", "optimizer", "ema", "disc", "disc_optimizer"}
+    assert set(state.keys()) == {"model", "optimizer", "ema", "disc", "disc_optimizer", "guard"}
     kernels = {tuple(v.shape) for v in jax.tree.leaves(lpips_params) if v.ndim > 1}
     assert not kernels & {tuple(v.shape) for v in jax.tree.leaves(state)}  # no LPIPS weight is trained or saved
     step = make_train_step(graphdef, functools.partial(vl.vae_loss, cfg=LOSS, disc=DISC), ema_decay=0.9,
@@ -281,10 +281,11 @@ def test_vae_stage_with_lpips_and_gan_resumes_and_its_vae_loads(tmp_path):
     assert all(logged[s]["d_loss"] == 0.0 and logged[s]["lpips"] > 0 for s in (1, 2))
     assert all(logged[s]["d_loss"] > 0.0 and logged[s]["adaptive_weight"] > 0 for s in (3, 4))
 
-    # The checkpoint adds `disc`/`disc_optimizer` beside unchanged model/optimizer/ema; no LPIPS weights.
+    # The checkpoint adds `disc`/`disc_optimizer` beside unchanged model/optimizer/ema (and the step guard's
+    # counters); no LPIPS weights.
     _, (ckpt,) = find_checkpoints(os.path.join(workdir, "vae"))
     leaves = OrbaxLeaves(ckpt.state_dir)
-    assert {p[0] for p in leaves.paths} == {"model", "optimizer", "ema", "disc", "disc_optimizer"}
+    assert {p[0] for p in leaves.paths} == {"model", "optimizer", "ema", "disc", "disc_optimizer", "guard"}
     vcfg = layout.vae_config(exp)
     for prefix in ("model", "ema"):
         check_architecture(leaves, prefix, abstract_vae(vcfg), "CausalVAE")  # what export reads
