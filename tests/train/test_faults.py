@@ -1,4 +1,4 @@
-"""Fault injection: what survives a NaN step, a corrupt or truncated checkpoint, a failing writer, kill -9 during a
+"""Fault injection: what survives a corrupt or truncated checkpoint, a failing writer, kill -9 during a
 save, a deleted data shard and SIGTERM during a periodic eval, and what the user is told.
 
 Most tests train a toy stage (a 4x4 linear map on synthetic Grain data, ~1 s to compile) through the real
@@ -8,7 +8,6 @@ Most tests train a toy stage (a 4x4 linear map on synthetic Grain data, ~1 s to 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -17,19 +16,25 @@ import time
 
 import grain
 import helpers
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from fault_fixtures import (
+    Linear4,
+    leaves,
+    records,
+    run_toy,
+    saved_states,
+    toy_loss,
+    toy_spec,
+)
 from flax import nnx
 
-from klingjax.config import ConfigError, OptimConfig, StageConfig, to_experiment
+from klingjax.config import to_experiment
 from klingjax.data import shard_check
 from klingjax.data.pipeline import make_dataset
 from klingjax.data.records import list_shards, write_shards
 from klingjax.data.shard_check import ShardCheckIterDataset
-from klingjax.sharding.mesh import make_mesh
 from klingjax.sharding.rules import get_rules
 from klingjax.train import checkpoint
 from klingjax.train import guard as step_guard
@@ -37,239 +42,11 @@ from klingjax.train.checkpoint import (
     Checkpointer,
     CheckpointSaveError,
     CorruptCheckpointError,
-    abstract_with_shardings,
     list_steps,
     restore_model,
 )
-from klingjax.train.loop import StageSpec, train_stage
-from klingjax.train.optim import make_optimizer
+from klingjax.train.loop import StageSpec
 from klingjax.train.state import create_trainer
-from klingjax.train.step import compile_train_step, make_train_step
-
-BATCH = 8  # the 8 fake CPU devices of tests/conftest.py split it
-NAN = float("nan")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The toy stage
-# ---------------------------------------------------------------------------------------------------------
-
-
-class Linear4(nnx.Module):
-    """y = x @ w: one (4, 4) parameter."""
-
-    def __init__(self, rngs: nnx.Rngs):
-        self.w = nnx.Param(0.1 * jax.random.normal(rngs.params(), (4, 4)))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return x @ self.w[...]  # (B, 4)
-
-
-TARGET = np.arange(16, dtype=np.float32).reshape(4, 4) / 16.0
-
-
-def toy_loss(model: Linear4, batch, key, ctx, *, nan_at_optimizer_step: int = -1):
-    """MSE to a fixed linear map; NaN when the optimizer step equals `nan_at_optimizer_step` (a state fault)."""
-    x = batch["x"]
-    loss = jnp.mean(jnp.square(model(x) - x @ TARGET))
-    return jnp.where(ctx.step == nan_at_optimizer_step, NAN, loss), {}
-
-
-def _example(i: int, nan_batches: frozenset[int]) -> dict:
-    x = np.random.default_rng(i).standard_normal(4).astype(np.float32)
-    if i // BATCH in nan_batches:  # loop step k trains on batch k - 1
-        x[:] = NAN
-    return {"x": x, "index": np.int64(i)}
-
-
-def toy_spec(*, nan_steps=(), nan_at_optimizer_step: int = -1, on_sample=None) -> StageSpec:
-    """The toy stage; `nan_steps`: loop steps (1-based) whose batch is NaN (a data fault)."""
-    nan_batches = frozenset(k - 1 for k in nan_steps)
-
-    def dataset(per_host, seed, index, count):
-        ds = grain.MapDataset.range(1 << 20).map(lambda i: _example(i, nan_batches))
-        return ds.to_iter_dataset().batch(per_host)
-
-    loss = lambda m, b, k, c: toy_loss(m, b, k, c, nan_at_optimizer_step=nan_at_optimizer_step)
-    return StageSpec("toy", "dit", Linear4, loss, dataset, lambda d: {"x": d["x"]}, on_sample)
-
-
-def toy_config(**kw) -> StageConfig:
-    base = dict(batch_size=BATCH, steps=10, log_every=1, checkpoint_every=2, keep_checkpoints=2,
-                optim=OptimConfig(lr=0.05, warmup_steps=1, grad_clip=0.0))
-    return StageConfig(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return make_mesh((-1, 1, 1, 1))
-
-
-def run_toy(workdir, mesh, spec=None, **cfg):
-    return train_stage(spec or toy_spec(), toy_config(**cfg), workdir=str(workdir), mesh=mesh, seed=0)
-
-
-def saved_states(workdir, mesh, window: int = 32) -> dict[int, nnx.State]:
-    """Every kept checkpoint of the toy stage, fully restored (train state)."""
-    tx = make_optimizer(toy_config().optim, 10)  # the structure of the train loop's optimizer state
-    st = create_trainer(Linear4, tx, mesh, get_rules("fsdp", "dit"), 0, guard_window=window)
-    ckpt = Checkpointer(os.path.join(workdir, "toy", "checkpoints"))
-    target = abstract_with_shardings(st.abstract_state, st.shardings)
-    out = {s: ckpt.restore(s, target)[0] for s in ckpt.all_steps()}
-    ckpt.close()
-    return out
-
-
-def records(workdir) -> list[dict]:
-    with open(os.path.join(workdir, "toy_metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def leaves(state) -> list[np.ndarray]:
-    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The guard inside the compiled step
-# ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def toy_step(mesh):
-    st = create_trainer(Linear4, optax.adam(0.05), mesh, get_rules("fsdp", "dit"), 0, guard_window=4)
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-
-    def batch(seed, scale=1.0):
-        x = np.random.default_rng(seed).standard_normal((BATCH, 4)).astype(np.float32) * scale
-        return {"x": jax.device_put(x, sharding)}
-
-    def compiled(guard):
-        with jax.set_mesh(mesh):
-            return compile_train_step(make_train_step(st.graphdef, toy_loss, ema_decay=0.9, guard=guard),
-                                      st.shardings, mesh)
-
-    return st, batch, compiled
-
-
-def _copy(state):
-    return jax.tree.map(lambda a: jnp.array(a, copy=True), state)
-
-
-@pytest.mark.parametrize("spike_factor", [0.0, 100.0])
-def test_guard_without_faults_is_bit_identical(toy_step, spike_factor):
-    """The selects do not change numerics: model, Adam moments, step and EMA equal the unguarded step's bit for bit."""
-    st, batch, compiled = toy_step
-    plain, guarded = compiled(None), compiled(step_guard.GuardConfig(spike_factor=spike_factor))
-    a, b = _copy(st.state), _copy(st.state)
-    for s in range(6):
-        a, _ = plain(a, batch(s), jax.random.key(0))
-        b, metrics = guarded(b, batch(s), jax.random.key(0))
-        assert int(metrics["skipped"]) == 0
-    for part in ("model", "optimizer", "ema"):
-        for x, y in zip(leaves(a[part]), leaves(b[part]), strict=True):
-            np.testing.assert_array_equal(x, y)
-    assert int(b["optimizer"]["step"][...]) == 6
-
-
-def test_a_nan_step_is_not_applied_and_is_counted(toy_step):
-    st, batch, compiled = toy_step
-    step_fn = compiled(step_guard.GuardConfig())
-    state = _copy(st.state)
-    state, _ = step_fn(state, batch(0), jax.random.key(0))
-    before = leaves(state)
-    state, metrics = step_fn(state, batch(1, scale=NAN), jax.random.key(0))
-    assert np.isnan(float(metrics["loss"])) and int(metrics["skipped"]) == 1
-    after = leaves(state)
-    guard_keys = {id(x) for x in jax.tree.leaves(state["guard"])}
-    kept = [x for x, y in zip(jax.tree.leaves(state), after) if id(x) not in guard_keys]
-    assert len(kept) == len(after) - len(jax.tree.leaves(state["guard"]))
-    for x, y, leaf in zip(before, after, jax.tree.leaves(state)):
-        if id(leaf) not in guard_keys:  # model, optimizer (its step counter too), EMA: untouched
-            np.testing.assert_array_equal(x, y)
-    rep = step_guard.report(state)
-    assert (rep["skipped"], rep["streak"], rep["worst_streak"], rep["worst_start"]) == (1, 1, 1, 2)
-    assert step_guard.REASONS[rep["worst_reason"]] == "loss is not finite"
-    assert int(state["optimizer"]["step"][...]) == 1  # the schedule and fold_in did not advance
-    state, metrics = step_fn(state, batch(2), jax.random.key(0))
-    assert int(metrics["skipped"]) == 0 and int(state["optimizer"]["step"][...]) == 2
-    rep = step_guard.report(state)
-    assert (rep["skipped"], rep["streak"], rep["worst_streak"]) == (1, 0, 1)
-
-
-def test_a_loss_spike_is_skipped_once_the_window_is_full(toy_step):
-    st, batch, compiled = toy_step
-    step_fn = compiled(step_guard.GuardConfig(spike_factor=5.0))
-    state = _copy(st.state)
-    for s in range(4):  # fills the window of 4 accepted losses
-        state, metrics = step_fn(state, batch(s), jax.random.key(0))
-        assert int(metrics["skipped"]) == 0
-    state, metrics = step_fn(state, batch(9, scale=100.0), jax.random.key(0))  # ~10^4 x the loss
-    assert int(metrics["skipped"]) == 1
-    rep = step_guard.report(state)
-    assert step_guard.REASONS[rep["worst_reason"]] == "loss spike" and rep["worst_median"] > 0
-    assert rep["worst_loss"] > 5.0 * rep["worst_median"]
-    message = step_guard.stop_message("toy", rep, 0, 4)
-    assert "loss spike at step 5" in message and "running median" in message
-
-
-def test_guard_config_keys_are_validated():
-    for key, value, match in (("max_nonfinite_steps", -1, "dit.max_nonfinite_steps"),
-                              ("loss_spike_factor", 0.5, "dit.loss_spike_factor"),
-                              ("loss_spike_window", 0, "dit.loss_spike_window")):
-        with pytest.raises(ConfigError, match=match):
-            to_experiment({"dit": {key: value}})
-    exp = to_experiment({"vae": {"max_nonfinite_steps": 3, "loss_spike_factor": 4.0, "loss_spike_window": 16}})
-    assert (exp.vae.max_nonfinite_steps, exp.vae.loss_spike_factor, exp.vae.loss_spike_window) == (3, 4.0, 16)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# NaN at step k through the train loop (keep=2)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def test_nan_at_step_k_stops_the_run_and_both_kept_checkpoints_are_finite(tmp_path, mesh):
-    with pytest.raises(step_guard.NonFiniteStepError) as info:
-        run_toy(tmp_path, mesh, toy_spec(nan_steps=(7,)), max_nonfinite_steps=0)
-    message = str(info.value)
-    assert message.startswith("toy: stopping: loss is not finite at step 7 (loss=nan")
-    assert "toy.max_nonfinite_steps=0" in message and "the last one is step 6" in message
-    states = saved_states(tmp_path, mesh)
-    assert sorted(states) == [4, 6]  # keep=2; nothing was written after the fault
-    assert all(step_guard.state_is_finite(s) for s in states.values())
-    assert records(tmp_path)[-1]["stopped"] == message
-
-
-def test_nan_at_step_k_is_skipped_and_the_run_recovers(tmp_path, mesh):
-    summary = run_toy(tmp_path, mesh, toy_spec(nan_steps=(7,)), max_nonfinite_steps=3)
-    assert summary["finished"] and summary["skipped_steps"] == 1
-    states = saved_states(tmp_path, mesh)
-    assert sorted(states) == [8, 10]
-    assert all(step_guard.state_is_finite(s) for s in states.values())
-    assert int(states[10]["optimizer"]["step"][...]) == 9  # 10 batches, 9 applied updates
-    by_step = {r["step"]: r for r in records(tmp_path)}
-    assert by_step[7]["skipped"] == 1 and np.isnan(by_step[7]["loss"]) and by_step[10]["skipped_steps"] == 1
-    assert by_step[8]["skipped"] == 0 and np.isfinite(by_step[8]["loss"])
-
-
-def test_a_persistent_fault_stops_after_max_nonfinite_steps(tmp_path, mesh):
-    """A NaN tied to the optimizer step repeats (a skipped step does not advance it): 4 skips > 3 stop the run."""
-    with pytest.raises(step_guard.NonFiniteStepError, match=r"at step 4 .* 4 consecutive step\(s\) skipped"):
-        run_toy(tmp_path, mesh, toy_spec(nan_at_optimizer_step=3), max_nonfinite_steps=3)
-    states = saved_states(tmp_path, mesh)
-    assert sorted(states) == [4, 6]  # steps 4..7 were skipped: step 6 holds the state after step 3
-    assert all(step_guard.state_is_finite(s) for s in states.values())
-
-
-def test_resume_after_a_skipped_step_is_exact(tmp_path, mesh):
-    straight = run_toy(tmp_path / "a", mesh, toy_spec(nan_steps=(3,)), max_nonfinite_steps=1)
-    first = run_toy(tmp_path / "b", mesh, toy_spec(nan_steps=(3,)), max_nonfinite_steps=1, max_steps_per_run=5)
-    assert not first["finished"]
-    resumed = run_toy(tmp_path / "b", mesh, toy_spec(nan_steps=(3,)), max_nonfinite_steps=1)
-    assert resumed["start_step"] == 5 and straight["skipped_steps"] == resumed["skipped_steps"] == 1
-    a, b = saved_states(tmp_path / "a", mesh)[10], saved_states(tmp_path / "b", mesh)[10]
-    for x, y in zip(leaves(a), leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoint integrity
