@@ -337,6 +337,20 @@ def commands(runs: Sequence[Run], launcher: str, *, local_entry: Sequence[str]) 
     return lines
 
 
+def planned(runs: Sequence[Run], target: str) -> str:
+    """Each run's predicted cost on `target` (a markdown table; see klingjax/plan)."""
+    from klingjax.plan import cli as plan_cli
+
+    plan_cli.fake_devices()  # before JAX's backend starts
+    exps = {}
+    for run in runs:
+        config = load_base_config(run.config)
+        for key, value in run.overrides.items():
+            _apply(config, key, value, f"run {run.name!r}")
+        exps[run.name] = to_experiment(config)
+    return plan_cli.predict_runs(exps, target)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n")[0])
     parser.add_argument("sweep", help="sweep file, optionally :arg (e.g. experiments/ablation_sweep.py:runlocal)")
@@ -345,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--launcher", choices=sorted(LAUNCHERS), default="local",
                         help="local: run here one after another; tpu_pod / slurm: print the cluster commands")
     parser.add_argument("--no_report", action="store_true", help="do not write the report after a local sweep")
+    parser.add_argument("--plan", metavar="TARGET", help="first print each run's predicted step time, MFU and "
+                        "memory on TARGET (e.g. v5p-256, h100:64; klingjax-plan's model, abstract compiles)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
@@ -352,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sweep, sweep_file = load_sweep(args.sweep)
         runs = expand(sweep, sweep_file, args.workdir_root)
+        if args.plan:
+            sys.stdout.write(planned(runs, args.plan) + "\n")
         if args.dry_run or args.launcher != "local":
             todo = [r for r in runs if not is_finished(r)]
             local_entry = ("python", "-m", "klingjax.main")

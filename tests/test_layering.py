@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("klingjax.layout",),  # work-dir paths, experiment -> model configs, latent stats
     ("klingjax.train",),  # stages, step, loop, checkpoints
     ("klingjax.eval", "data_pipelines"),  # generation + metrics; offline converters and the latent cache
-    ("klingjax.export",),  # to/from diffusers
+    ("klingjax.export", "klingjax.plan"),  # to/from diffusers; pod-scale step/memory predictions
     ("klingjax.experiment",),  # orchestration of the stages
     ("klingjax.main", "launch"),  # entry points
 )

@@ -59,6 +59,7 @@ class DryRunReport:
     memory: dict[str, int]  # compiled.memory_analysis(): argument / output / temp / alias / generated_code
     lower_seconds: float
     compile_seconds: float
+    compiled: Any = dataclasses.field(default=None, repr=False, compare=False)  # for klingjax.plan: HLO and costs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def dry_run(exp: ExperimentConfig, devices: list[jax.Device] | None = None) -> D
         batch={jax.tree_util.keystr(path, simple=True, separator="."): (v.shape, str(v.dtype))
                for path, v in jax.tree_util.tree_leaves_with_path(batch)}, tokens_per_clip=t * h * w,
         param_count=param_count(abstract), state_total=total, state_per_device=per_device, memory=_memory(compiled),
-        lower_seconds=t1 - t0, compile_seconds=t2 - t1,
+        lower_seconds=t1 - t0, compile_seconds=t2 - t1, compiled=compiled,
     )
 
 

@@ -1,0 +1,1 @@
+"""Pod scale on paper: predict step time, MFU and memory of a config on a chip count (`klingjax-plan`)."""
