@@ -313,9 +313,11 @@ def run_local(runs: Sequence[Run], *, runner: Runner = subprocess_runner,
         if code != 0 or not _completed(run, started):
             raise RuntimeError(f"run {run.name!r} {'failed with exit code ' + str(code) if code else 'did not finish'}"
                                f"; see {log_path}. Rerun the sweep to resume it.")
-        with open(os.path.join(run.workdir, DONE_MARKER), "w") as f:
+        marker = os.path.join(run.workdir, DONE_MARKER)
+        with open(marker + ".tmp", "w") as f:  # written whole, then renamed: a kill never leaves a partial marker
             json.dump({**_marker_key(run), "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
                        "seconds": round(time.time() - t0, 1)}, f, indent=2)
+        os.replace(marker + ".tmp", marker)
         logging.info("[%d/%d] %s: done in %.0fs", i + 1, len(runs), run.name, time.time() - t0)
         status[run.name] = "done"
     return status
