@@ -7,6 +7,9 @@ stacked on a leading "layers" axis (scan-friendly) and run with `nnx.scan` or a 
 Conditioning has one seam (DESIGN.md section 4): the model's condition step (`WanDiT.block_inputs`) turns the
 timesteps and a `Conditions` pytree into one `BlockInputs` tuple that every block reads; the static
 `ConditionSpec` in DiTConfig says which conditions exist (`ConditionSpec()` = Wan T2V, no extra params).
+Masked video (`ConditionSpec.masked_video`, see conditions.MaskedVideo): PER_TOKEN_TIMESTEPS modulates the tokens
+whose patch is wholly given at t = 0 (every block and the final layer; no params); CHANNEL_CONCAT adds
+[given * mask, mask] to the patch embedding through a zero-initialised `patch_embedding.cond_kernel`.
 
 Ablation switches (defaults = Wan 2.1; any other setting cannot be exported to diffusers):
   * `AttentionLayout.FACTORIZED`: each block runs spatial self-attention within every frame (2D part of the
@@ -36,8 +39,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from klingjax.models.conditions import Conditions, ConditionSpec
-from klingjax.models.dit_inputs import FACTORIZED_POSITIONS_ERROR, BlockInputs, RopeTables, block_rope, joint_kv_mask
+from klingjax.models.conditions import Conditions, ConditionSpec, MaskedVideo
+from klingjax.models.dit_inputs import (
+    FACTORIZED_POSITIONS_ERROR,
+    BlockInputs,
+    RopeTables,
+    block_rope,
+    channel_condition,
+    given_tokens,
+    joint_kv_mask,
+    modulation_chunks,
+)
 from klingjax.models.layers.attention import AttentionImpl, WanAttention, attention, dense, table_init
 from klingjax.models.layers.embeddings import ConditionEmbedder, PatchEmbed, check_patchable, unpatchify
 from klingjax.models.layers.norms import LayerNorm, RMSNorm, logical
@@ -94,6 +106,9 @@ class DiTConfig:
     num_heads: int
     num_layers: int
     patch_size: tuple[int, int, int] = (1, 2, 2)
+    # Latent channels C of the model input (= the VAE's z_dim). CHANNEL_CONCAT's patch embedding reads C + 1 more
+    # (`ConditionSpec.patch_channels`) through its own kernel, so this stays C whatever the conditions (diffusers'
+    # Wan I2V counts 36 = 16 + 4 + 16 instead; such models are not exportable: there is no map for the extra kernel).
     in_channels: int = 16
     out_channels: int = 16
     text_dim: int = 4096
@@ -149,7 +164,7 @@ def _coerce(name: str, value: Any) -> Any:
     if name in ("dtype", "param_dtype") and isinstance(value, str):
         return jnp.dtype(value)
     if name == "conditions" and isinstance(value, dict):
-        return ConditionSpec(**value)
+        return ConditionSpec.from_config(value)
     return tuple(value) if isinstance(value, list) else value
 
 
@@ -263,16 +278,18 @@ class DiTBlock(nnx.Module):
         """x (B, N, D) and the shared `BlockInputs` (text, per-query text mask, modulation, RoPE) -> (B, N, D)."""
         x = shard(x, ACT_BND)
         f32 = jnp.float32
-        modulation = inputs.modulation  # (B, 6, D)
-        mod = self.scale_shift_table[...] + modulation  # (B, 6, D)
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = jnp.split(mod, 6, axis=1)  # 6 x (B, 1, D)
+        modulation, clean, given = inputs.modulation, inputs.given_modulation, inputs.given_tokens  # (B, 6, D) ...
+        # 6 x (B, 1, D); with per-token timesteps 6 x (B, N, D) (given tokens modulated at t = 0)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = modulation_chunks(
+            self.scale_shift_table[...], modulation, clean, given)
 
         h = (self.norm1(x.astype(f32)) * (1 + scale_sa) + shift_sa).astype(x.dtype)
         x = (x.astype(f32) + self.self_attention(h, inputs) * gate_sa).astype(x.dtype)
 
         if self.attn_t is not None:
-            mod_t = self.scale_shift_table_t[...] + modulation[:, :3]  # (B, 3, D): offsets on the same time signal
-            shift_t, scale_t, gate_t = jnp.split(mod_t, 3, axis=1)  # 3 x (B, 1, D)
+            # 3 x (B, 1|N, D): offsets on the same time signal
+            shift_t, scale_t, gate_t = modulation_chunks(self.scale_shift_table_t[...], modulation[:, :3],
+                                                         None if clean is None else clean[:, :3], given)
             h = (self.norm1(x.astype(f32)) * (1 + scale_t) + shift_t).astype(x.dtype)
             x = (x.astype(f32) + self.temporal_attention(h, inputs.rope) * gate_t).astype(x.dtype)
 
@@ -331,7 +348,8 @@ class WanDiT(nnx.Module):
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, kw = cfg.dim, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.patch_embedding = PatchEmbed(cfg.patch_size, cfg.in_channels, d, **kw)
+        cond_channels = cfg.conditions.patch_channels(cfg.in_channels) - cfg.in_channels  # CHANNEL_CONCAT: C + 1
+        self.patch_embedding = PatchEmbed(cfg.patch_size, cfg.in_channels, d, cond_channels=cond_channels, **kw)
         self.condition_embedder = ConditionEmbedder(d, cfg.freq_dim, cfg.text_dim, **kw)
         self.blocks = _stacked_blocks(cfg, rngs)
         self.norm_out = LayerNorm(d, eps=cfg.eps, affine=False)
@@ -344,7 +362,7 @@ class WanDiT(nnx.Module):
         cfg = self.cfg
         check_patchable(latents.shape, cfg.patch_size)
         grid = tuple(s // p for s, p in zip(latents.shape[1:4], cfg.patch_size))
-        cfg.conditions.validate(cond, num_tokens=math.prod(grid))
+        cfg.conditions.validate(cond, num_tokens=math.prod(grid), latent_shape=latents.shape)
         if latents.shape[-1] != cfg.in_channels or cond.text.shape[-1] != cfg.text_dim:
             raise ValueError(
                 f"expected latents (..., {cfg.in_channels}) and Conditions.text (..., {cfg.text_dim}); "
@@ -358,30 +376,41 @@ class WanDiT(nnx.Module):
                 f"context parallelism (mesh 'context' axis > 1) supports only attention_layout=joint_3d with "
                 f"text_attention=cross; got {cfg.attention_layout.value} / {cfg.text_attention.value}: "
                 "set mesh.context=1 or the default attention switches")
-        x = shard(self.patch_embedding(latents), ACT_BND)  # (B, N, D)
-        temb, inputs = self.block_inputs(timesteps, cond, grid)
+        extra = None
+        if cfg.conditions.masked_video is MaskedVideo.CHANNEL_CONCAT:
+            extra = channel_condition(cond.given, cond.given_mask, latents)  # (B, t, h, w, C + 1)
+        x = shard(self.patch_embedding(latents, extra), ACT_BND)  # (B, N, D)
+        (temb, clean_temb), inputs = self.block_inputs(timesteps, cond, grid)
         x = self._run_blocks(x, inputs)
 
-        shift, scale = jnp.split(self.scale_shift_table[...] + temb[:, None, :], 2, axis=1)  # 2 x (B, 1, D)
+        shift, scale = modulation_chunks(self.scale_shift_table[...], temb[:, None, :],  # 2 x (B, 1|N, D)
+                                         None if clean_temb is None else clean_temb[:, None, :], inputs.given_tokens)
         x = (self.norm_out(x.astype(jnp.float32)) * (1 + scale) + shift).astype(x.dtype)
         x = self.proj_out(x)  # (B, N, pt*ph*pw*C_out)
         return unpatchify(x, grid, cfg.patch_size)  # (B, t, h, w, C_out)
 
     def block_inputs(self, timesteps: jax.Array, cond: Conditions,
-                     grid: tuple[int, int, int]) -> tuple[jax.Array, BlockInputs]:
-        """The condition step: timesteps (B,) + `cond` on a (t, h, w) token grid -> temb (B, D), `BlockInputs`.
+                     grid: tuple[int, int, int]) -> tuple[tuple[jax.Array, jax.Array | None], BlockInputs]:
+        """The condition step: timesteps (B,) + `cond` on a (t, h, w) token grid -> (temb, clean temb), `BlockInputs`.
 
-        With `ConditionSpec()` this is Wan's condition embedder and 3D RoPE; later conditions add their
-        zero-initialised adapters here and fill more `BlockInputs` fields, never the blocks' signature.
+        temb (B, D) feeds the final layer; clean temb (B, D) is the t = 0 one of given tokens (PER_TOKEN_TIMESTEPS
+        with a given_mask; else None). With `ConditionSpec()` this is Wan's condition embedder and 3D RoPE; later
+        conditions add their zero-initialised adapters here and fill more `BlockInputs` fields, never the blocks'
+        signature.
         """
         cfg = self.cfg
         temb, modulation, context = self.condition_embedder(timesteps, cond.text.astype(cfg.dtype))
+        clean_temb = clean_mod = tokens = None
+        if cfg.conditions.masked_video is MaskedVideo.PER_TOKEN_TIMESTEPS and cond.given_mask is not None:
+            # Only two timesteps exist per clip (t and 0), so the time MLP runs on those, not on every token.
+            clean_temb, clean_mod = self.condition_embedder.embed_time(jnp.zeros_like(timesteps))
+            tokens = given_tokens(cond.given_mask, cfg.patch_size)  # (B, N, 1)
         factorized = cfg.attention_layout is AttentionLayout.FACTORIZED
         text_len = context.shape[1] if cfg.text_attention is TextAttention.JOINT else None  # JOINT: text keys
         rope = block_rope(grid, cfg.head_dim, cfg.rope_theta, factorized=factorized, text_len=text_len,
                           positions=cond.positions)  # tables per self-attention, see RopeTables
         mask = None if cond.text_mask is None else cond.text_mask.astype(bool)[:, None, :]  # (B, 1, L): all queries
-        return temb, BlockInputs(context, mask, modulation, rope)
+        return (temb, clean_temb), BlockInputs(context, mask, modulation, rope, tokens, clean_mod)
 
     def _run_blocks(self, x: jax.Array, inputs: BlockInputs) -> jax.Array:
         """Apply the stacked blocks with `nnx.scan` or a Python loop; both run the same (rematted) step."""

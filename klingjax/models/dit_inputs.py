@@ -1,8 +1,11 @@
 """What every DiT block reads besides its tokens: one `BlockInputs` tuple, built once per forward pass by the DiT's
 condition step and broadcast unchanged to all blocks (one argument of the layer scan, whatever the conditions).
 
+Masked video (conditions.MaskedVideo) lives here too: which tokens are given (`given_tokens`), the per-token
+modulation of PER_TOKEN_TIMESTEPS (`modulation_chunks`) and the extra patch-embedding input of CHANNEL_CONCAT
+(`channel_condition`).
 Neighbours: models/dit.py (builds it in `WanDiT.block_inputs`, reads it in `DiTBlock`), models/conditions.py
-(what it is built from), layers/rope.py (the tables).
+(what it is built from), layers/rope.py (the tables), diffusion/masked.py (the same masks in loss and sampler).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from klingjax.diffusion.masked import given_positions
+from klingjax.models.layers.embeddings import Patch, patchify
 from klingjax.models.layers.rope import rope_3d, rope_from_positions
 
 FACTORIZED_POSITIONS_ERROR = (
@@ -40,6 +45,45 @@ class BlockInputs(NamedTuple):
     context_mask: jax.Array | None  # (B, N|1, L) bool: query n may read text token l; (B, 1, L) = every query alike
     modulation: jax.Array  # (B, 6, D) float32: the shared time projection, before each block's table
     rope: RopeTables
+    # PER_TOKEN_TIMESTEPS: tokens where given_tokens (B, N, 1) is True are modulated by given_modulation (B, 6, D),
+    # the time projection of t = 0, instead of `modulation`; None = every token uses `modulation`.
+    given_tokens: jax.Array | None = None
+    given_modulation: jax.Array | None = None
+
+
+def given_tokens(given_mask: jax.Array, patch: Patch) -> jax.Array:
+    """(B, t, h, w) latent "given" mask -> (B, N, 1) bool: a token is given iff every latent position of its patch is.
+
+    A patch that is only partly given is generated (its timestep stays t), so no noisy position is ever treated as
+    clean; masks aligned to the patch grid (whole latent frames with pt = 1, boxes on even rows and columns with
+    (ph, pw) = (2, 2)) make the two views agree exactly.
+    """
+    m = patchify(given_positions(given_mask)[..., None], patch)  # (B, T, H, W, pt*ph*pw)
+    return jnp.all(m, axis=-1).reshape(m.shape[0], -1, 1)  # (B, N, 1)
+
+
+def modulation_chunks(table: jax.Array, modulation: jax.Array, given_modulation: jax.Array | None = None,
+                      given: jax.Array | None = None) -> list[jax.Array]:
+    """A modulated layer's k vectors: table (1, k, D) + modulation (B, k, D) -> k x (B, 1, D).
+
+    With per-token timesteps (given (B, N, 1) and given_modulation (B, k, D), the t = 0 modulation), given tokens
+    take table + given_modulation: k x (B, N, D). Without, the values are exactly those of the plain model.
+    """
+    k = table.shape[1]
+    chunks = jnp.split(table + modulation, k, axis=1)  # k x (B, 1, D)
+    if given is None:
+        return chunks
+    clean = jnp.split(table + given_modulation, k, axis=1)  # k x (B, 1, D)
+    return [jnp.where(given, c, g) for c, g in zip(clean, chunks)]  # k x (B, N, D)
+
+
+def channel_condition(given: jax.Array | None, given_mask: jax.Array | None, latents: jax.Array) -> jax.Array:
+    """CHANNEL_CONCAT's extra input [given * mask, mask] (B, t, h, w, C + 1); zeros when nothing is given."""
+    if given_mask is None:
+        return jnp.zeros((*latents.shape[:-1], latents.shape[-1] + 1), latents.dtype)
+    m = given_positions(given_mask)[..., None]  # (B, t, h, w, 1) bool
+    masked = jnp.where(m, given.astype(latents.dtype), 0)  # where, not *: values at generated positions never leak
+    return jnp.concatenate([masked, m.astype(latents.dtype)], axis=-1)  # (B, t, h, w, C + 1)
 
 
 def block_rope(grid: tuple[int, int, int], head_dim: int, theta: float, *, factorized: bool,

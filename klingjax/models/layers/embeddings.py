@@ -48,7 +48,12 @@ def unpatchify(x: jax.Array, grid: tuple[int, int, int], patch: Patch) -> jax.Ar
 
 
 class PatchEmbed(nnx.Module):
-    """Non-overlapping 3D patch embedding: (B, t, h, w, C) -> tokens (B, N, D) on the (T, H, W) grid."""
+    """Non-overlapping 3D patch embedding: (B, t, h, w, C) -> tokens (B, N, D) on the (T, H, W) grid.
+
+    cond_channels > 0 adds `cond_kernel` (pt, ph, pw, cond_channels, D), zero-initialised (it draws no random
+    numbers, so every other parameter is initialised as without it), read from a second input of the same grid:
+    channel-concat conditioning whose model equals the unconditioned one at init.
+    """
 
     def __init__(
         self,
@@ -56,23 +61,35 @@ class PatchEmbed(nnx.Module):
         in_channels: int,
         dim: int,
         *,
+        cond_channels: int = 0,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.patch = tuple(patch)
         self.dtype = dtype
-        k_init = logical(PATCH_INIT, ("conv_t", "conv_h", "conv_w", "conv_in", "embed"))
-        self.kernel = nnx.Param(k_init(rngs.params(), (*self.patch, in_channels, dim), param_dtype))
+        axes = ("conv_t", "conv_h", "conv_w", "conv_in", "embed")
+        self.kernel = nnx.Param(logical(PATCH_INIT, axes)(rngs.params(), (*self.patch, in_channels, dim), param_dtype))
         self.bias = nnx.Param(logical(BIAS_INIT, ("embed",))(rngs.params(), (dim,), param_dtype))
+        zeros = logical(nnx.initializers.zeros, axes)
+        cond_shape = (*self.patch, cond_channels, dim)
+        self.cond_kernel = nnx.Param(zeros(None, cond_shape, param_dtype)) if cond_channels else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cond: jax.Array | None = None) -> jax.Array:
+        """x (B, t, h, w, C) [and cond (B, t, h, w, cond_channels) when `cond_kernel` exists] -> (B, N, D)."""
+        tokens = self._project(x, self.kernel)  # (B, N, D)
+        if self.cond_kernel is not None:
+            if cond is None or cond.shape[:-1] != x.shape[:-1]:
+                raise ValueError(f"this patch embedding also reads a conditioning input of shape {x.shape[:-1]} + "
+                                 f"(C,); got {None if cond is None else cond.shape}")
+            tokens = tokens + self._project(cond, self.cond_kernel)  # zero at init: exactly the tokens above
+        return tokens + self.bias[...].astype(self.dtype)
+
+    def _project(self, x: jax.Array, kernel: nnx.Param) -> jax.Array:
         p = patchify(x.astype(self.dtype), self.patch)  # (B, T, H, W, pt*ph*pw*C)
         b, gt, gh, gw, _ = p.shape
         p = p.reshape(b, gt * gh * gw, *self.patch, -1)  # (B, N, pt, ph, pw, C)
-        kernel = self.kernel[...].astype(self.dtype)  # (pt, ph, pw, C, D)
-        tokens = jnp.einsum("bnxyzc,xyzcd->bnd", p, kernel)  # (B, N, D)
-        return tokens + self.bias[...].astype(self.dtype)
+        return jnp.einsum("bnxyzc,xyzcd->bnd", p, kernel[...].astype(self.dtype))  # (B, N, D)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -135,7 +152,11 @@ class ConditionEmbedder(nnx.Module):
         self.text_embedder = TextProjection(text_dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, timesteps: jax.Array, context: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        temb, modulation = self.embed_time(timesteps)
+        return temb, modulation, self.text_embedder(context)
+
+    def embed_time(self, timesteps: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Timesteps (B,) -> temb (B, D), modulation (B, 6, D), both float32."""
         temb = self.time_embedder(timestep_embedding(timesteps, self.freq_dim))  # (B, D) float32
         modulation = self.time_proj(jax.nn.silu(temb))  # (B, 6D)
-        modulation = modulation.reshape(modulation.shape[0], 6, -1)  # (B, 6, D)
-        return temb, modulation, self.text_embedder(context)
+        return temb, modulation.reshape(modulation.shape[0], 6, -1)  # (B, D), (B, 6, D)
