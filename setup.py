@@ -59,6 +59,7 @@ setup(
             "klingjax-export=klingjax.export.export:main",
             "klingjax-import=klingjax.export.importer:main",
             "klingjax-eval=klingjax.eval.cli:run",
+            "klingjax-generate=klingjax.eval.generate_cli:run",
             "klingjax-plan=klingjax.plan.cli:run",
         ],
     },

@@ -214,6 +214,7 @@ def torch_trainer(exp: ExperimentConfig, model_state: nnx.State, batch: dict[str
     config = {k: v for k, v in dit_map.dit_to_diffusers_config(cfg).items() if not k.startswith("_")}
     model = WanTransformer3DModel(**config)
     flat = {tuple(str(p) for p in path): np.asarray(v[...]) for path, v in nnx.to_flat_state(model_state)}
+    flat = dit_map.to_diffusers_params(cfg, flat)  # channel concat: one fused patch kernel, as diffusers has it
     weights = {}
     for e in dit_map.dit_entries(cfg):
         x = flat[e.path] if e.layer is None else flat[e.path][e.layer]

@@ -2,7 +2,9 @@
 
     python -m data_pipelines.cache_latents --config experiments/demo.py --workdir /tmp/demo
 
-Each latent record holds `latent` (t, h, w, c) float32 (the VAE posterior mean), `text` (L, D) float16
+Each latent record holds `latent` (t, h, w, c) float32 (the VAE posterior mean of the whole clip),
+`frame_latent` (t, h, w, c) float32 (latent frame j = the encoding of pixel key frame j alone, what a last-frame /
+keyframe / suffix condition is at generation time: `klingjax.data.tasks.key_frame`), `text` (L, D) float16
 and `text_mask` (L,) of the caption, plus `caption` and `meta_json`. Every process encodes its own
 slice of the dataset and writes its own shards; per-channel latent statistics (for normalisation) are
 reduced over all processes and written to `latent_stats.json`.
@@ -28,6 +30,7 @@ from klingjax import layout
 from klingjax.config import ExperimentConfig, to_experiment
 from klingjax.data.pipeline import decode_video_record, make_dataset
 from klingjax.data.records import list_shards, write_shards
+from klingjax.data.tasks import key_frame
 
 
 def _encode_fn(vae: nnx.Module):
@@ -39,6 +42,15 @@ def _encode_fn(vae: nnx.Module):
         return mean
 
     return functools.partial(encode, nnx.state(vae))
+
+
+def encode_key_frames(encode, video: np.ndarray, temporal_factor: int) -> np.ndarray:
+    """(B, T, H, W, 3) -> (B, t, h, w, c): latent frame j = `encode` of pixel key frame j alone (a 1-frame clip)."""
+    b, frames = video.shape[:2]
+    keys = [key_frame(j, temporal_factor) for j in range(1 + (frames - 1) // temporal_factor)]
+    singles = video[:, keys].reshape(b * len(keys), 1, *video.shape[2:])  # (B*t, 1, H, W, 3)
+    z = np.asarray(encode(jnp.asarray(singles)))  # (B*t, 1, h, w, c)
+    return z.reshape(b, len(keys), *z.shape[2:])
 
 
 def _latent_records(exp: ExperimentConfig, workdir: str, split: str, vae, text_encoder, batch_size: int,
@@ -55,6 +67,7 @@ def _latent_records(exp: ExperimentConfig, workdir: str, split: str, vae, text_e
         if n < batch_size:  # pad the last batch: one compiled shape
             video = np.concatenate([video, np.repeat(video[-1:], batch_size - n, axis=0)])
         latents = np.asarray(encode(jnp.asarray(video)))[:n]  # (n, t, h, w, c)
+        frame_latents = encode_key_frames(encode, video, vae.cfg.temporal_factor)[:n]  # (n, t, h, w, c)
         captions = [str(c) for c in batch["caption"]]
         ctx, mask = text_encoder.encode(captions, exp.text_max_len)
         ctx, mask = np.asarray(ctx), np.asarray(mask)
@@ -64,7 +77,8 @@ def _latent_records(exp: ExperimentConfig, workdir: str, split: str, vae, text_e
             sums["s"] += flat.sum(0)
             sums["ss"] += np.square(flat).sum(0)
         for i in range(n):
-            yield {"latent": latents[i].astype(np.float32), "text": ctx[i].astype(np.float16),
+            yield {"latent": latents[i].astype(np.float32), "frame_latent": frame_latents[i].astype(np.float32),
+                   "text": ctx[i].astype(np.float16),
                    "text_mask": mask[i].astype(bool), "caption": captions[i], "meta_json": batch["meta_json"][i]}
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from klingjax.data.tasks import TASKS
 from klingjax.diffusion.losses import LossWeighting
 from klingjax.diffusion.samplers import Sampler
 from klingjax.diffusion.schedules import TimestepSampling
@@ -143,6 +144,10 @@ class DiTStageConfig(StageConfig):
     timestep_sampling: TimestepSampling = TimestepSampling.LOGIT_NORMAL
     timestep_shift: float = 0.0  # 0: resolution-dependent shift
     loss_weighting: LossWeighting = LossWeighting.NONE
+    # The masked-video task mixture: task name (klingjax.data.tasks.TASKS) -> weight, drawn per example.
+    # Empty: text-to-video only. Any other task needs model_overrides.conditions.masked_video on.
+    tasks: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    visual_dropout: float = 0.1  # P(an example's given positions are dropped: it trains as text-to-video)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +156,8 @@ class SampleConfig:
 
     sampler: Sampler = Sampler.EULER
     num_steps: int = 30
-    cfg_scale: float = 4.0
+    cfg_scale: float = 4.0  # text guidance
+    visual_cfg_scale: float = 1.0  # guidance of the visual (masked-video) condition; 1: none
     negative_prompt: str = ""
     shift: float = 0.0  # 0: same shift as training
     use_ema: bool = True
@@ -251,6 +257,7 @@ def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Expe
         raise ConfigError(f"config key 'dit.caption_dropout': must be in [0, 1), got {exp.dit.caption_dropout}")
     _check_vae_losses(exp)
     _check_model_overrides(exp)
+    _check_tasks(exp)
     if exp.sample.num_steps < 1:
         raise ConfigError(f"config key 'sample.num_steps': must be >= 1, got {exp.sample.num_steps}")
     if exp.eval.fvd and exp.data.num_frames < 9:
@@ -297,6 +304,27 @@ def _check_vae_losses(exp: ExperimentConfig) -> None:
 # The model config builders each stage calls later (`klingjax.layout`) and their variant tables, run once here so
 # that a bad variant or override fails before any stage runs.
 _MODELS = {"vae": (vae_config, VAE_VARIANTS), "dit": (dit_config, DIT_VARIANTS)}
+def _check_tasks(exp: ExperimentConfig) -> None:
+    """`dit.tasks` names tasks of the table with weights >= 0, and a model that reads given latents when any task
+    other than t2v has weight."""
+    d = exp.dit
+    if unknown := sorted(set(d.tasks) - set(TASKS)):
+        raise ConfigError(f"config key 'dit.tasks': unknown task(s) {unknown}; the task table has {sorted(TASKS)}")
+    for name, w in d.tasks.items():
+        if not isinstance(w, int | float) or isinstance(w, bool) or w < 0:
+            raise ConfigError(f"config key 'dit.tasks.{name}': a weight >= 0, got {w!r}")
+    if d.tasks and not any(w > 0 for w in d.tasks.values()):
+        raise ConfigError("config key 'dit.tasks': every weight is 0 (leave it empty for text-to-video only)")
+    if not 0.0 <= d.visual_dropout < 1.0:
+        raise ConfigError(f"config key 'dit.visual_dropout': must be in [0, 1), got {d.visual_dropout}")
+    visual = [n for n, w in d.tasks.items() if w > 0 and n != "t2v"]
+    mode = dict(d.model_overrides.get("conditions", {}) or {}).get("masked_video", "off")
+    if visual and getattr(mode, "value", mode) == "off":
+        raise ConfigError(f"config key 'dit.tasks': {sorted(visual)} give latents to the model, but "
+                          "'dit.model_overrides.conditions.masked_video' is off: set it to 'per_token_timesteps' or "
+                          "'channel_concat'")
+
+
 # DiT fields the stage ties to the VAE (z_dim) and the text encoder (width): not overridable.
 TIED_DIT_FIELDS = ("in_channels", "out_channels", "text_dim")
 

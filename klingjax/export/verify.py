@@ -24,7 +24,9 @@ from flax import nnx
 from klingjax.export import dit_map, vae_map
 from klingjax.export.checkpoint_source import OrbaxLeaves, find_checkpoints, load_model
 from klingjax.layout import load_workdir_config
-from klingjax.models.conditions import Conditions
+from klingjax.models.conditions import Conditions, MaskedVideo
+from klingjax.models.dit import DiTConfig
+from klingjax.models.dit_inputs import channel_condition, given_tokens
 
 TORCH_HINT = 'pip install -e ".[torch]"   (torch==2.13.0 CPU build, diffusers, transformers, safetensors)'
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}  # relative to the output's max magnitude
@@ -74,8 +76,29 @@ def _result(got: np.ndarray, want: np.ndarray, dtype: str) -> dict:
     return {"max_abs_diff": diff, "max_abs_ref": scale, "tolerance": TOLERANCE[dtype] * max(scale, 1.0)}
 
 
+def diffusers_inputs(cfg: DiTConfig, latents: np.ndarray, t: np.ndarray, given: np.ndarray | None = None,
+                     given_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The `WanTransformer3DModel` inputs equal to klingjax's `dit(latents, t, Conditions(..., given, given_mask))`.
+
+    latents (B, t, h, w, C), t (B,), given (B, t, h, w, C), given_mask (B, t, h, w) -> (hidden states
+    (B, t, h, w, C') channels-last, timestep). PER_TOKEN_TIMESTEPS: timestep (B, N) is t at generated tokens and 0 at
+    given ones (Wan 2.2 TI2V's mask * t). CHANNEL_CONCAT: C' = C + 4 + C = [latents, mask x 4, given * mask], the
+    klingjax condition (zeros where nothing is given), not what WanImageToVideoPipeline builds (see dit_map).
+    """
+    mode = cfg.conditions.masked_video
+    if given_mask is None or mode is MaskedVideo.OFF:
+        return latents, t
+    if mode is MaskedVideo.PER_TOKEN_TIMESTEPS:
+        tokens = np.asarray(given_tokens(jnp.asarray(given_mask), cfg.patch_size))[..., 0]  # (B, N)
+        return latents, np.where(tokens, 0.0, t[:, None]).astype(t.dtype)
+    cond = np.asarray(channel_condition(jnp.asarray(given), jnp.asarray(given_mask), jnp.asarray(latents)))
+    mask = np.repeat(cond[..., -1:], dit_map.MASK_CHANNELS, axis=-1)  # (B, t, h, w, 4): all 4 channels equal
+    return np.concatenate([latents, mask, cond[..., :-1]], axis=-1), t  # (B, t, h, w, 2C + 4)
+
+
 def check_transformer(torch, model, folder: str, dtype: str, seed: int = 0) -> dict:
-    """Velocity of WanDiT `model` vs WanTransformer3DModel from `folder` on random latents, t and text."""
+    """Velocity of WanDiT `model` vs WanTransformer3DModel from `folder` on random latents, t and text (masked-video
+    DiTs: and random given latents on the first latent frame, fed to diffusers by `diffusers_inputs`)."""
     from diffusers import WanTransformer3DModel
 
     ref = WanTransformer3DModel.from_pretrained(folder).float().eval()
@@ -85,11 +108,19 @@ def check_transformer(torch, model, folder: str, dtype: str, seed: int = 0) -> d
     latents = rng.standard_normal((1, 2 * pt, 4 * ph, 4 * pw, cfg.in_channels)).astype(np.float32)
     t = np.array([637.0], np.float32)
     text = rng.standard_normal((1, 7, cfg.text_dim)).astype(np.float32)
+    given = mask = None
+    if cfg.conditions.masked_video is not MaskedVideo.OFF:
+        given = rng.standard_normal(latents.shape).astype(np.float32)
+        mask = np.zeros(latents.shape[:4], bool)
+        mask[:, :pt] = True  # image-to-video: the first latent frame (a whole patch deep) is given
+    x, ts = diffusers_inputs(cfg, latents, t, given, mask)
     with torch.no_grad():
-        want = ref(torch.from_numpy(latents).permute(0, 4, 1, 2, 3), torch.from_numpy(t), torch.from_numpy(text),
+        want = ref(torch.from_numpy(x).permute(0, 4, 1, 2, 3), torch.from_numpy(ts), torch.from_numpy(text),
                    return_dict=False)[0].permute(0, 2, 3, 4, 1).numpy()
+    cond = Conditions(jnp.asarray(text), given=None if given is None else jnp.asarray(given),
+                      given_mask=None if mask is None else jnp.asarray(mask))
     with jax.default_matmul_precision("highest"):
-        got = nnx.jit(lambda m, *a: m(*a))(model, jnp.asarray(latents), jnp.asarray(t), Conditions(jnp.asarray(text)))
+        got = nnx.jit(lambda m, *a: m(*a))(model, jnp.asarray(latents), jnp.asarray(t), cond)
     return _result(np.asarray(got), want, dtype)
 
 

@@ -108,7 +108,7 @@ class DiTConfig:
     patch_size: tuple[int, int, int] = (1, 2, 2)
     # Latent channels C of the model input (= the VAE's z_dim). CHANNEL_CONCAT's patch embedding reads C + 1 more
     # (`ConditionSpec.patch_channels`) through its own kernel, so this stays C whatever the conditions (diffusers'
-    # Wan I2V counts 36 = 16 + 4 + 16 instead; such models are not exportable: there is no map for the extra kernel).
+    # Wan I2V counts 36 = 16 + 4 + 16 instead; export/dit_map.py fuses the two kernels into that layout).
     in_channels: int = 16
     out_channels: int = 16
     text_dim: int = 4096

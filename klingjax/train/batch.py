@@ -32,6 +32,7 @@ class LatentBatch:
 
     latent: jax.Array  # (B, t, h, w, c), normalised per channel to ~unit scale
     cond: Conditions
+    task: jax.Array | None = None  # (B,) int32 masked-video task id of each row (train.stages.TASK_IDS); metrics only
 
 
 def video_batch(example: Mapping[str, np.ndarray]) -> VideoBatch:
@@ -40,9 +41,11 @@ def video_batch(example: Mapping[str, np.ndarray]) -> VideoBatch:
 
 
 def latent_batch(example: Mapping[str, np.ndarray]) -> LatentBatch:
-    """A host's latent-cache examples (the data pipeline's dict) as a LatentBatch."""
-    cond = Conditions(text=np.asarray(example["text"]), text_mask=np.asarray(example["text_mask"]))
-    return LatentBatch(latent=np.asarray(example["latent"]), cond=cond)
+    """A host's latent-cache examples (the data pipeline's dict) as a LatentBatch (+ the masked-video fields)."""
+    given = {k: np.asarray(example[k]) for k in ("given", "given_mask") if k in example}
+    cond = Conditions(text=np.asarray(example["text"]), text_mask=np.asarray(example["text_mask"]), **given)
+    task = np.asarray(example["task"]) if "task" in example else None
+    return LatentBatch(latent=np.asarray(example["latent"]), cond=cond, task=task)
 
 
 def global_batch(local: Any, sharding: jax.sharding.Sharding) -> Any:

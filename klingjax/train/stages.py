@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +13,11 @@ from flax import nnx
 
 from klingjax import layout
 from klingjax.config import ExperimentConfig
+from klingjax.data import tasks as data_tasks
 from klingjax.data.pipeline import decode_video_record, make_dataset
 from klingjax.data.records import list_shards
 from klingjax.data.shard_check import ShardCheckIterDataset
-from klingjax.diffusion import losses, schedules
+from klingjax.diffusion import masked, schedules
 from klingjax.models.discriminator import DiscriminatorConfig, PatchDiscriminator3D
 from klingjax.models.dit import WanDiT
 from klingjax.models.lpips import load_lpips
@@ -70,17 +73,47 @@ def vae_stage(exp: ExperimentConfig, workdir: str, on_sample=None) -> StageSpec:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _latent_example(record: dict, *, mean: np.ndarray, std: np.ndarray) -> dict:
-    return {
-        "latent": (np.asarray(record["latent"], np.float32) - mean) / std,  # (t, h, w, c), ~unit scale
-        "text": np.asarray(record["text"], np.float32),  # (L, text_dim)
-        "text_mask": np.asarray(record["text_mask"], bool),  # (L,)
-    }
+@dataclasses.dataclass(frozen=True)
+class LatentDecoder(grain.transforms.RandomMap):
+    """Picklable latent-cache record -> example; with `tasks`, also draws the example's masked-video task.
+
+    The task and its given mask are drawn from the example's own generator (a pure function of the seed, host
+    and stream position, so a resumed run draws the same tasks); `given` holds the task's given latents (the
+    whole-clip encoding or the key frames' lone encodings: `tasks.given_latents`).
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    tasks: tuple[tuple[str, float], ...] = ()  # (name, weight); () = text-to-video only, no given fields
+    patch: tuple[int, int, int] = (1, 1, 1)  # the DiT patch: masks are whole tokens
+
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+        latent = (np.asarray(record["latent"], np.float32) - self.mean) / self.std  # (t, h, w, c), ~unit scale
+        out = {"latent": latent,
+               "text": np.asarray(record["text"], np.float32),  # (L, text_dim)
+               "text_mask": np.asarray(record["text_mask"], bool)}  # (L,)
+        if not self.tasks:
+            return out
+        name, mask = data_tasks.draw_task(rng, dict(self.tasks), latent.shape[:3], self.patch)
+        if data_tasks.TASKS[name].source == data_tasks.SOURCE_FRAMES:
+            if "frame_latent" not in record:
+                raise KeyError(f"task {name!r} needs the key frames' own latents ('frame_latent'); this latent cache "
+                               "predates them: delete the work dir's latents/ folder to re-encode")
+            given = (np.asarray(record["frame_latent"], np.float32) - self.mean) / self.std
+        else:
+            given = latent
+        out.update(given=given, given_mask=mask, task=np.int32(TASK_IDS[name]))
+        return out
+
+
+TASK_IDS = {name: i for i, name in enumerate(data_tasks.TASKS)}  # the `task` id of a batch row, for metrics
 
 
 def dit_stage(exp: ExperimentConfig, workdir: str, null_text: tuple[np.ndarray, np.ndarray],
               on_sample=None) -> StageSpec:
-    """Stage "dit": rectified-flow training on cached latents with caption dropout to the empty prompt.
+    """Stage "dit": rectified-flow training on cached latents, caption dropout to the empty prompt and, with
+    `dit.tasks`, the masked-video task mixture (given positions kept clean and out of the loss, the visual
+    condition dropped with probability `dit.visual_dropout` for guidance).
 
     `null_text` is the text encoder's (hidden (L, D), mask (L,)) of the empty prompt.
     """
@@ -88,6 +121,7 @@ def dit_stage(exp: ExperimentConfig, workdir: str, null_text: tuple[np.ndarray, 
     null_ctx, null_mask = (jnp.asarray(a) for a in null_text)
     mcfg = layout.dit_model_config(exp, null_ctx.shape[-1])
     shift = layout.train_shift(exp)
+    tasks = tuple((k, float(w)) for k, w in sorted(cfg.tasks.items()) if w > 0)
 
     def make_model(rngs: nnx.Rngs) -> WanDiT:
         return WanDiT(mcfg, rngs=rngs)
@@ -95,21 +129,31 @@ def dit_stage(exp: ExperimentConfig, workdir: str, null_text: tuple[np.ndarray, 
     def loss_fn(model: WanDiT, batch: LatentBatch, key: jax.Array, ctx: LossContext):
         del ctx  # the DiT loss reads neither the step nor frozen arrays
         x0, text, mask = batch.latent, batch.cond.text, batch.cond.text_mask
-        k_t, k_n, k_d = jax.random.split(key, 3)
+        k_t, k_n, k_d, k_v = jax.random.split(key, 4)
         b = x0.shape[0]
         drop = jax.random.uniform(k_d, (b,)) < cfg.caption_dropout  # (B,)
         text = jnp.where(drop[:, None, None], null_ctx[None], text)
         mask = jnp.where(drop[:, None], null_mask[None], mask)
         cond = batch.cond.replace(text=text, text_mask=mask)
+        given_mask = cond.given_mask
+        if given_mask is not None:  # the visual condition dropped on its own draw: that example is text-to-video
+            keep = jax.random.uniform(k_v, (b,)) >= cfg.visual_dropout  # (B,)
+            given_mask = given_mask & keep[:, None, None, None]
+            cond = cond.replace(given_mask=given_mask)
         t = schedules.sample_timesteps(k_t, b, method=cfg.timestep_sampling, shift=shift)
         noise = jax.random.normal(k_n, x0.shape, x0.dtype)
         velocity = lambda x_t, t: model(x_t, t * 1000.0, cond)
-        loss, _ = losses.flow_matching_loss(velocity, x0, noise, t, weighting=cfg.loss_weighting)
-        return loss, {"t_mean": jnp.mean(t)}
+        loss, per_sample = masked.masked_flow_loss(velocity, x0, noise, t, given_mask, weighting=cfg.loss_weighting)
+        metrics = {"t_mean": jnp.mean(t)}
+        if batch.task is not None:  # per-task loss means (NaN-free: 0 when a task is absent from the batch)
+            for name, _ in tasks:
+                rows = batch.task == TASK_IDS[name]
+                metrics[f"loss_{name}"] = jnp.sum(jnp.where(rows, per_sample, 0.0)) / jnp.maximum(jnp.sum(rows), 1)
+        return loss, metrics
 
     def dataset(per_host: int, seed: int, index: int, count: int):
         mean, std = layout.load_latent_stats(workdir)
-        decode = functools.partial(_latent_example, mean=mean, std=std)
+        decode = LatentDecoder(mean=mean, std=std, tasks=tasks, patch=tuple(mcfg.patch_size))
         shards = list_shards(layout.latent_dir(workdir), "train")
         ds = make_dataset(shards, decode=decode, batch_size=per_host, seed=seed, shuffle=True, num_epochs=None,
                           process_index=index, process_count=count, worker_count=exp.data.worker_count)

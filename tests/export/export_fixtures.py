@@ -35,9 +35,30 @@ def random_state(abstract_state: nnx.State, seed: int) -> nnx.State:
     return jax.tree.map(fill, abstract_state)
 
 
-def make_workdir(root: str, *, steps=(3, 6), dit_overrides=None, seed=0) -> tuple[str, dict]:
-    """A runlocal-demo workdir with random checkpoints; returns (workdir, {stage: {step: state}})."""
+def perturbed_state(state: nnx.State, seed: int, scale: float) -> nnx.State:
+    """A concrete state plus scale * N(0, 1) on every float leaf (zero-initialised kernels become non-zero)."""
+    rng = np.random.default_rng(seed)
+
+    def perturb(a):
+        a = np.asarray(a)
+        if np.issubdtype(a.dtype, np.floating):
+            return (a + scale * rng.standard_normal(a.shape)).astype(a.dtype)
+        return a
+
+    return jax.tree.map(perturb, state)
+
+
+def make_workdir(root: str, *, steps=(3, 6), dit_overrides=None, seed=0, masked_video=None,
+                 perturb: float | None = None) -> tuple[str, dict]:
+    """A runlocal-demo workdir with random checkpoints; returns (workdir, {stage: {step: state}}).
+
+    masked_video: the DiT's `conditions.masked_video` ("per_token_timesteps", "channel_concat"; None: off).
+    perturb: params are the models' own init + perturb * N(0, 1) (outputs stay O(1): for forward-pass parity);
+    None: every float leaf is N(0, 1) (no init run, no compilation).
+    """
     c = demo.get_config("runlocal")
+    if masked_video is not None:
+        dit_overrides = {**(dit_overrides or {}), "conditions": {"masked_video": masked_video}}
     if dit_overrides:
         c.dit.model_overrides = {**c.dit.model_overrides, **dit_overrides}
     exp = to_experiment(c)
@@ -50,11 +71,17 @@ def make_workdir(root: str, *, steps=(3, 6), dit_overrides=None, seed=0) -> tupl
     saved = {}
     for i, (stage, (make, scfg)) in enumerate(models.items()):
         tx = make_optimizer(scfg.optim, scfg.steps)
-        abstract = nnx.state(nnx.eval_shape(lambda make=make, tx=tx: Trainer(make(), tx)))
+        if perturb is None:
+            abstract = nnx.state(nnx.eval_shape(lambda make=make, tx=tx: Trainer(make(), tx)))
+        else:
+            concrete = nnx.state(Trainer(make(), tx))
         ckpt = Checkpointer(os.path.join(root, stage, "checkpoints"), async_save=False)
         saved[stage] = {}
         for step in steps:
-            state = random_state(abstract, seed + 10 * i + step)
+            if perturb is None:
+                state = random_state(abstract, seed + 10 * i + step)
+            else:
+                state = perturbed_state(concrete, seed + 10 * i + step, perturb)
             ckpt.save(step, state, {}, force=True)
             saved[stage][step] = state
         ckpt.close()

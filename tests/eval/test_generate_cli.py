@@ -1,0 +1,274 @@
+"""`klingjax-generate` end to end on a kling runlocal work dir: every flag writes a clip of the right length and
+size, the given first frame comes back exactly (up to the file format), extension adds what was asked, and every bad
+input fails with the flag's name before a generator is loaded, leaving no file.
+
+The work dir holds init-scale random params saved by the train loop's Checkpointer: loading, encoding, sampling and
+writing run as on a trained one (training it would add ~90 s; nothing here depends on the params' values).
+One generator is loaded and reused by every test (`loader`), so each sampler shape compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image, ImageSequence
+
+from experiments import demo, kling
+from klingjax import layout
+from klingjax.config import SampleConfig, config_from_dataclass, to_experiment
+from klingjax.eval import generate_cli, media
+from klingjax.eval.generate import load_workdir_generator
+from klingjax.measures import psnr
+from klingjax.models.dit import WanDiT
+from klingjax.models.text_encoders import BertConfig
+from klingjax.models.vae import CausalVAE
+from klingjax.train.checkpoint import Checkpointer
+from klingjax.train.optim import make_optimizer
+from klingjax.train.state import Trainer
+
+
+def init_like(abstract: nnx.State, seed: int) -> nnx.State:
+    """Numpy values at init scale for an abstract state: norm scales 1, biases 0, kernels N(0, 1 / fan_in), other
+    floats N(0, 0.01), integers 0 (no compilation: a jitted init of both models costs ~10 s on CPU)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, a):
+        name = jax.tree_util.keystr(path).split("'")[-2]
+        if not np.issubdtype(a.dtype, np.floating) or name == "bias":
+            return np.zeros(a.shape, a.dtype)
+        if name in ("gamma", "scale"):
+            return np.ones(a.shape, a.dtype)
+        std = 1 / np.sqrt(np.prod(a.shape[:-1])) if name == "kernel" else 0.1
+        return (std * rng.standard_normal(a.shape)).astype(a.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def make_workdir(root: str, config) -> str:
+    """A work dir of `config` (config.json, latent stats, vae/ and dit/ checkpoints of init-scale params)."""
+    exp = to_experiment(config)
+    os.makedirs(layout.latent_dir(root))
+    with open(os.path.join(root, "config.json"), "w") as f:
+        f.write(config_from_dataclass(exp).to_json(indent=2))
+    vae_cfg, dit_cfg = layout.vae_config(exp), layout.dit_model_config(exp, BertConfig().dim)
+    models = {"vae": (lambda: CausalVAE(vae_cfg, rngs=nnx.Rngs(0)), exp.vae),
+              "dit": (lambda: WanDiT(dit_cfg, rngs=nnx.Rngs(1)), exp.dit)}
+    for i, (stage, (make, scfg)) in enumerate(models.items()):
+        tx = make_optimizer(scfg.optim, scfg.steps)
+        abstract = nnx.state(nnx.eval_shape(lambda make=make, tx=tx: Trainer(make(), tx)))
+        ckpt = Checkpointer(layout.checkpoint_dir(root, stage), async_save=False)
+        ckpt.save(1, init_like(abstract, i), {}, force=True)
+        ckpt.close()
+    with open(os.path.join(layout.latent_dir(root), "latent_stats.json"), "w") as f:
+        json.dump({"mean": [0.0] * vae_cfg.z_dim, "std": [1.0] * vae_cfg.z_dim}, f)
+    return root
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> str:
+    return make_workdir(str(tmp_path_factory.mktemp("kling") / "wd"), kling.get_config("runlocal"))
+
+
+@pytest.fixture(scope="session")
+def loader():
+    """`load_workdir_generator`, cached: one generator (and its compiled samplers) for every test."""
+    return functools.cache(load_workdir_generator)
+
+
+def _smooth(h: int, w: int, flip: bool = False) -> np.ndarray:
+    y, x = np.mgrid[:h, :w]
+    img = np.stack([x * 255 // w, y * 255 // h, np.full_like(x, 128)], -1).astype(np.uint8)
+    return img[::-1].copy() if flip else img
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory) -> dict[str, str]:
+    """Input files of another size than the model's 32x32 (48x64: resized and cropped)."""
+    root = tmp_path_factory.mktemp("inputs")
+    img = _smooth(48, 64)
+    files = {"first": root / "first.png", "last": root / "last.png", "clip": root / "clip.mp4",
+             "short": root / "short.mp4", "mask": root / "mask.png", "mask_mp4": root / "mask.mp4",
+             "mask_tall": root / "mask_tall.png", "bad": root / "bad.png"}
+    Image.fromarray(img).save(files["first"])
+    Image.fromarray(_smooth(48, 64, flip=True)).save(files["last"])
+    clip = np.stack([np.roll(img, 2 * i, axis=1) for i in range(12)])  # (12, 48, 64, 3)
+    media.write_mp4(files["clip"], clip, fps=8)
+    media.write_mp4(files["short"], clip[:3], fps=8)
+    mask = np.zeros((48, 64, 3), np.uint8)
+    mask[12:36, 16:48] = 255
+    Image.fromarray(mask).save(files["mask"])
+    media.write_mp4(files["mask_mp4"], np.stack([np.roll(mask, 4 * i, axis=1) for i in range(9)]), fps=8)
+    Image.fromarray(mask[:, :20]).save(files["mask_tall"])  # 48x20: not the video's aspect
+    files["bad"].write_text("not an image")
+    return {k: str(v) for k, v in files.items()}
+
+
+def _generate(workdir, loader, out, *flags) -> str:
+    return generate_cli.main(["--checkpoint", workdir, "--prompt", "a red circle moves left", "--out", str(out),
+                              *flags], loader=loader)
+
+
+def _read(path: str) -> np.ndarray:
+    """uint8 (T, H, W, 3) of an mp4 or (losslessly palettised) gif."""
+    if path.endswith(".gif"):
+        with Image.open(path) as im:
+            return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+    return media.read_video(path)
+
+
+# name -> (flags with {input} placeholders, frames, (H, W)); the video has 12 frames, the data 8 fps.
+CASES = {
+    "text": ([], 9, (32, 32)),
+    "image": (["--image", "{first}"], 9, (32, 32)),
+    # Guidance scales are static in the compiled sampler: the config's (4, 1), so nothing recompiles.
+    "first_last": (["--image", "{first}", "--last_image", "{last}", "--seed", "3", "--cfg", "4"], 9, (32, 32)),
+    "keyframes": (["--keyframe", "0:{first}", "--keyframe", "5:{last}", "--visual_cfg", "1"], 9, (32, 32)),
+    "extend": (["--video", "{clip}", "--extend", "1.5"], 12 + 12, (32, 32)),
+    "extend_fps": (["--video", "{clip}", "--extend", "1", "--fps", "4"], 12 + 4, (32, 32)),
+    "prepend": (["--video", "{clip}", "--prepend", "1", "--context_frames", "2"], 12 + 8, (32, 32)),
+    "inpaint": (["--video", "{clip}", "--mask", "{mask}", "--negative_prompt", "blurry"], 9, (32, 32)),
+    "inpaint_per_frame": (["--video", "{clip}", "--mask", "{mask_mp4}"], 9, (32, 32)),
+    "outpaint_video": (["--video", "{clip}", "--outpaint", "8,0,8,0"], 9, (32, 32)),
+    "outpaint_image": (["--image", "{first}", "--outpaint", "8,8,8,8"], 9, (32, 32)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_each_flag_writes_a_clip_of_the_right_length_and_size(workdir, loader, inputs, tmp_path, name):
+    flags, frames, size = CASES[name]
+    out = tmp_path / "sub" / f"{name}.{'gif' if name == 'keyframes' else 'mp4'}"
+    assert _generate(workdir, loader, out, *[f.format(**inputs) for f in flags]) == str(out)
+    video = _read(str(out))
+    assert video.shape == (frames, *size, 3)
+    assert os.listdir(out.parent) == [out.name]  # no temporary file left behind
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeOnlyGenerator:
+    """Stands in for VideoGenerator where only the grid matters: grey clips of its latent grid; records each call's
+    (latent_shape, num_steps)."""
+
+    latent_shape: tuple[int, int, int, int]
+    sample: SampleConfig
+    calls: list
+
+    def __call__(self, captions, key, **kwargs):
+        self.calls.append((self.latent_shape, self.sample.num_steps))
+        t, h, w, _ = self.latent_shape
+        return np.full((len(captions), 1 + 4 * (t - 1), 4 * h, 4 * w, 3), 128, np.uint8)
+
+
+def test_num_frames_size_and_steps_build_a_generator_for_that_grid(workdir, tmp_path):
+    """The trained 9x32x32 generator is rebuilt for 5 frames of 16x32 with 3 steps (a fake: compiling a sampler for
+    another grid costs ~20 s and shows nothing more)."""
+    calls = []
+    fake = ShapeOnlyGenerator((3, 8, 8, 8), SampleConfig(num_steps=2), calls)
+    out = _generate(workdir, lambda _: (None, fake), tmp_path / "x.mp4", "--num_frames", "5", "--size", "16x32",
+                    "--steps", "3")
+    assert _read(out).shape == (5, 16, 32, 3) and calls == [((2, 4, 8, 8), 3)]
+    _generate(workdir, lambda _: (None, fake), tmp_path / "y.mp4")  # the trained grid: used as it is
+    assert calls[-1] == ((3, 8, 8, 8), 2)
+
+
+def test_given_first_frame_comes_back(workdir, loader, inputs, tmp_path):
+    """--image: output frame 0 is the VAE reconstruction of the image (the given latents stay exact); a text-only
+    clip of the same seed is far from it. gif: mp4's 4:2:0 chroma alone costs ~8 dB on 32x32 frames."""
+    _, gen = loader(workdir)
+    image = generate_cli._fit(generate_cli.read_image(inputs["first"], "--image"), 32, 32, "--image")
+    recon = gen.decode(gen.encode_frames(image[None], batch_size=1), batch_size=1)[0, 0].astype(np.float64)
+    scores = {}
+    for name, flags in (("i2v", ["--image", inputs["first"]]), ("t2v", [])):
+        video = _read(_generate(workdir, loader, tmp_path / f"{name}.gif", *flags)).astype(np.float64)
+        scores[name] = float(psnr(video[0], recon, data_range=255.0))
+    assert scores["i2v"] > 25.0 and scores["t2v"] < scores["i2v"] - 8.0, scores
+
+
+def test_extension_keeps_the_original_video(workdir, loader, inputs, tmp_path):
+    original = generate_cli._fit(media.read_video(inputs["clip"]), 32, 32, "--video").astype(np.float64)
+    video = _read(_generate(workdir, loader, tmp_path / "x.gif", "--video", inputs["clip"], "--extend", "0.5"))
+    assert len(video) == 12 + 4
+    assert psnr(video[:12].astype(np.float64), original, data_range=255.0).mean() > 25.0  # the input, resized
+
+
+def _fails_to_load(workdir):
+    raise AssertionError("a generator was loaded for a bad input")
+
+
+# flags -> a fragment of the error (each names the flag); checked before any generator is built.
+BAD = [
+    (["--image", "{bad}"], "--image {bad}: cannot read the image"),
+    (["--video", "{clip}", "--mask", "{mask_tall}"], "--mask {mask_tall} is 48x20, not the aspect of the --video"),
+    (["--video", "{short}", "--extend", "1", "--context_frames", "2"], "--video has 3 frames, fewer than the 5"),
+    (["--video", "{short}", "--mask", "{mask}"], "--video {short} has 3 frames"),
+    (["--keyframe", "9:{first}"], "--keyframe 9 is out of range"),
+    (["--keyframe", "{first}"], "--keyframe"),
+    (["--image", "{first}", "--keyframe", "1:{last}"], "--keyframe 1:{last} and --image both give latent frame 0"),
+    (["--mask", "{mask}"], "--mask needs --video"),
+    (["--extend", "1"], "--extend needs --video"),
+    (["--video", "{clip}"], "--video needs exactly one of"),
+    (["--video", "{clip}", "--extend", "1", "--prepend", "1"], "--video needs exactly one of"),
+    (["--video", "{clip}", "--image", "{first}", "--mask", "{mask}"], "--video cannot be combined with --image"),
+    (["--outpaint", "8,0,8,0"], "--outpaint needs --video or --image"),
+    (["--image", "{first}", "--outpaint", "20,0,20,0"], "--outpaint 20,0,20,0 leaves no inner box"),
+    (["--image", "{first}", "--context_frames", "2"], "--context_frames applies to --extend / --prepend only"),
+    (["--video", "{clip}", "--extend", "1", "--context_frames", "3"], "--context_frames 3 must be in 1..2"),
+    (["--num_frames", "8"], "--num_frames 8 must be 1 + 4 * k"),
+    (["--size", "20x32"], "--size 20x32 must be a multiple of 8x8"),
+    (["--size", "big"], "--size 'big' must be HxW"),
+    (["--steps", "0"], "--steps 0 must be >= 1"),
+    (["--video", "{clip}", "--extend", "1", "--fps", "0"], "--fps 0.0 must be > 0"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD, ids=[m.split()[0] + str(i) for i, (_, m) in enumerate(BAD)])
+def test_bad_inputs_name_the_flag_and_write_nothing(workdir, inputs, tmp_path, flags, message):
+    out = tmp_path / "out.mp4"
+    with pytest.raises(ValueError) as err:
+        _generate(workdir, _fails_to_load, out, *[f.format(**inputs) for f in flags])
+    assert message.format(**inputs) in str(err.value)
+    assert not os.listdir(tmp_path)
+
+
+def test_checkpoint_and_out_errors(workdir, inputs, tmp_path):
+    text_only = tmp_path / "t2v"  # a demo work dir: its DiT has no masked-video conditioning
+    text_only.mkdir()
+    (text_only / "config.json").write_text(config_from_dataclass(to_experiment(demo.get_config("runlocal"))).to_json())
+    for checkpoint, flags, message in [
+            (str(text_only), ["--image", inputs["first"]], "--image: the DiT of"),
+            (str(tmp_path / "missing"), [], "--checkpoint:"),
+            (workdir, ["--out", str(tmp_path / "x.avi")], "--out")]:
+        with pytest.raises(ValueError, match=message):
+            generate_cli.main(["--checkpoint", checkpoint, "--out", str(tmp_path / "x.mp4"), *flags],
+                              loader=_fails_to_load)
+    assert sorted(os.listdir(tmp_path)) == ["t2v"]
+    with pytest.raises(SystemExit):  # argparse: a required flag missing
+        generate_cli.main(["--out", str(tmp_path / "x.mp4")])
+
+
+def test_run_exits_with_the_message(monkeypatch, inputs, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["klingjax-generate", "--checkpoint", str(tmp_path), "--mask", inputs["mask"],
+                                      "--out", str(tmp_path / "x.mp4")])
+    with pytest.raises(SystemExit, match="klingjax-generate: --mask needs --video"):
+        generate_cli.run()
+
+
+def test_a_failed_write_leaves_no_file(monkeypatch, tmp_path):
+    def broken(path, frames, fps):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setitem(generate_cli.WRITERS, ".mp4", broken)
+    with pytest.raises(OSError, match="disk full"):
+        generate_cli.write_atomic(str(tmp_path / "x.mp4"), np.zeros((1, 8, 8, 3), np.uint8), 8.0)
+    assert not os.listdir(tmp_path)
+    generate_cli.write_atomic(str(tmp_path / "y.gif"), np.zeros((1, 8, 8, 3), np.uint8), 8.0)
+    assert os.listdir(tmp_path) == ["y.gif"] and os.stat(tmp_path / "y.gif").st_mode & 0o044  # readable by others
