@@ -24,4 +24,7 @@ def get_sweep(arg: str | None = None) -> Sweep:
         name="kling_masked_video_modes" + ("_runlocal" if runlocal else ""),
         base="kling.py" + (":runlocal" if runlocal else ""),
         runs=product({"dit.model_overrides.conditions.masked_video": list(MODES)}),
+        # Each run writes its own (seeded, identical) dataset: a run dir is self-contained, so a finished kling.py
+        # work dir's data/, vae/ and latents/ can seed the runs (both then train only the DiT, on the same latents).
+        share_data=False,
     )

@@ -176,7 +176,7 @@ def write_report(
     os.replace(tmp, target)
 
 
-REFERENCE_SUFFIXES = ("_on_reference", "_on_real")  # the same metric on the reference set
+REFERENCE_SUFFIXES = ("_on_reference", "_on_real", "_on_vae")  # the same metric on a reference / ceiling set
 
 
 def plot_metrics(path: str | os.PathLike, values: dict[str, float]) -> None:

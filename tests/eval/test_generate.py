@@ -96,9 +96,10 @@ def _masked_generator(mode: str) -> VideoGenerator:
     return dataclasses.replace(gen, dit=dit)
 
 
-@pytest.mark.parametrize("mode", ["per_token_timesteps", "channel_concat"])
-def test_given_latents_are_exact_in_the_sample_and_guidance_scales_matter(mode):
-    gen = _masked_generator(mode)
+def test_given_latents_are_exact_in_the_sample_and_guidance_scales_matter():
+    # The sampler keeps given positions exact whatever the mode (diffusion/masked.py; both modes' inputs are tested in
+    # tests/models/test_dit_masked.py); one mode keeps this to one compile.
+    gen = _masked_generator("per_token_timesteps")
     videos = np.random.default_rng(0).integers(0, 256, (3, 5, 16, 16, 3), dtype=np.uint8)
     z = gen.encode(videos, batch_size=2)  # (3, 2, 4, 4, 4)
     zf = gen.encode_frames(videos, batch_size=2)
