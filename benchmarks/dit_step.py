@@ -199,6 +199,24 @@ def xla_flops(exp: ExperimentConfig, batch: dict[str, np.ndarray], mesh, rules) 
 # ---------------------------------------------------------------------------------------------------------
 
 
+def torch_update(loss, params, ema, optimizer, opt, state: dict) -> float:
+    """The torch side's update after its loss, as klingjax's step does it: backward, clip, AdamW, EMA (with
+    klingjax's warm-up decay); `state["step"]` counts steps. Returns the loss."""
+    import torch
+
+    loss.backward()
+    if opt.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, opt.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    s = state["step"]
+    d = min(opt.ema_decay, (1 + s) / (10 + s))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema, params, 1.0 - d)
+    state["step"] = s + 1
+    return loss.item()
+
+
 def torch_trainer(exp: ExperimentConfig, model_state: nnx.State, batch: dict[str, np.ndarray],
                   threads: int) -> Callable[[], float] | None:
     """A closure running one diffusers `WanTransformer3DModel` + torch AdamW step doing the klingjax step's work."""
@@ -246,17 +264,7 @@ def torch_trainer(exp: ExperimentConfig, model_state: nnx.State, batch: dict[str
         x_t = (1 - tb) * x0 + tb * noise
         v = model(x_t, t * 1000.0, text, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(v.float(), noise - x0)
-        loss.backward()
-        if opt.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, opt.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        s = state["step"]
-        d = min(opt.ema_decay, (1 + s) / (10 + s))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, params, 1.0 - d)
-        state["step"] = s + 1
-        return loss.item()
+        return torch_update(loss, params, ema, optimizer, opt, state)
 
     return step
 

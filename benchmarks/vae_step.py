@@ -185,17 +185,7 @@ def torch_trainer(exp: ExperimentConfig, model, video: np.ndarray) -> tuple[Call
 
     def step() -> float:
         loss, _ = torch_loss(model, x, exp.vae.loss, sample=True)
-        loss.backward()
-        if opt.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, opt.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        s = state["step"]
-        d = min(opt.ema_decay, (1 + s) / (10 + s))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, params, 1.0 - d)
-        state["step"] = s + 1
-        return loss.item()
+        return dit_step.torch_update(loss, params, ema, optimizer, opt, state)
 
     def forward() -> float:
         with torch.no_grad():
