@@ -29,7 +29,7 @@ def evaluate(exp: ExperimentConfig, generator: VideoGenerator, *, data_dir: str,
     `klingjax-eval` scorer and write `out_dir/report.md` + media; returns metrics.
 
     `klingjax-eval --generated OUT_DIR/eval/generated --dataset DATA_DIR --metrics adherence[,fvd]` reproduces
-    the metric values (the videos are stored losslessly). A model trained on masked-video tasks besides t2v also
+    the metric values (the videos are stored losslessly) except the VAE's own (`*_on_vae`, `vae_psnr`). A model trained on masked-video tasks besides t2v also
     gets the per-task evaluation (`task_eval.evaluate_tasks` into `out_dir/eval/tasks`, `<task>/<metric>` metrics,
     its card a section of the report).
     """
@@ -40,9 +40,15 @@ def evaluate(exp: ExperimentConfig, generator: VideoGenerator, *, data_dir: str,
     folder = os.path.join(out_dir, *GENERATED_DIR)
     if jax.process_index() == 0:  # every process generated and scores the same clips; host 0 alone writes
         scoring.write_generated(folder, fake, captions)
-    # The reference is the held-out clips: adherence also scores them (`adherence_<k>_on_real`, its ceiling).
+    # The reference is the held-out clips: adherence also scores them (`adherence_<k>_on_real`, its ceiling) and
+    # the VAE's reconstructions of them (`adherence_<k>_on_vae`: the ceiling of any DiT over this VAE, and
+    # `vae_psnr`), when the generator has a VAE.
+    bs = exp.eval.batch_size
+    recon = None
+    if getattr(generator, "vae", None) is not None:
+        recon = generator.decode(generator.encode(real, batch_size=bs), batch_size=bs)
     names = ["adherence"] + (["fvd"] if exp.eval.fvd else [])
-    scores = scoring.compute_metrics(fake, real, names, metas=metas, spec=spec, fps=float(spec.fps))
+    scores = scoring.compute_metrics(fake, real, names, metas=metas, spec=spec, fps=float(spec.fps), recon=recon)
     metrics = {**scores.values, **(extra_metrics or {})}
     sections = {}
     if set(task_eval.mixture_tasks(exp)) - {"t2v"}:  # t2v alone is what the clips above measure

@@ -119,11 +119,13 @@ def _timed(timings: dict, name: str, items: int, fn: Callable):
 
 def compute_metrics(gen: np.ndarray, ref: np.ndarray | None, metrics: Sequence[str], *, metas=None, spec=None,
                     fid_resize: str = "tf_legacy", fid_frames: int = 4, fps: float = 8.0,
-                    consistency: bool = True) -> Scores:
+                    consistency: bool = True, recon: np.ndarray | None = None) -> Scores:
     """Run `metrics` on generated uint8 (N, T, H, W, 3) vs reference videos -> Scores.
 
     `metas` / `spec`: the synthetic ground truth of the reference clips (a dataset's held-out split), for prompt
     adherence; the detector also scores the reference itself (`adherence_<k>_on_real`: its ceiling).
+    `recon`: the VAE's reconstructions of the reference clips (uint8, as `ref`): adherence also scores them
+    (`adherence_<k>_on_vae`, the ceiling of any DiT over that VAE) and `vae_psnr` is their PSNR against `ref`.
     """
     unknown = sorted(set(metrics) - set(ALL_METRICS))
     if unknown:
@@ -205,6 +207,8 @@ def compute_metrics(gen: np.ndarray, ref: np.ndarray | None, metrics: Sequence[s
         sets = [("", gen, "detector on decoded RGB")]
         if ref is not None and len(ref) >= n:
             sets.append(("_on_real", ref[:n], "detector on the ground-truth clips: its ceiling"))
+        if recon is not None and len(recon) >= n:
+            sets.append(("_on_vae", recon[:n], "detector on the VAE's reconstructions: any DiT's ceiling"))
         for tag, videos, how in sets:
             scores = _timed(timings, f"adherence{tag}", n, lambda v=videos: adherence.score(v, metas[:n], spec))
             for key in ADHERENCE_KEYS:
@@ -215,6 +219,12 @@ def compute_metrics(gen: np.ndarray, ref: np.ndarray | None, metrics: Sequence[s
         "fvd": do_fvd, "psnr": lambda: do_paired("psnr"), "ssim": lambda: do_paired("ssim"),
         "lpips": lambda: do_paired("lpips"), "vbstyle": do_vbstyle, "adherence": do_adherence}
     todo = [(name, table[name]) for name in metrics if name in table]
+    if recon is not None and ref is not None:  # the VAE's share of the error, next to the DiT's
+        from klingjax.eval import image_metrics
+
+        per_frame = image_metrics.psnr(ref[:len(recon)], recon, cap=PSNR_CAP)  # (N, T)
+        values["vae_psnr"] = float(per_frame.mean())
+        protocols["vae_psnr"] = "vae reconstruction " + psnr_protocol(*per_frame.shape, PSNR_CAP)
     if "fid" in metrics or "kid" in metrics:
         todo.append(("fid/kid", do_fid_kid))  # one Inception pass for both
     for name, fn in todo:

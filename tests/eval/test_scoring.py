@@ -42,6 +42,13 @@ def test_adherence_scores_generated_and_reference(clips):
     assert other.values["adherence_all_acc"] < 1.0 and other.values["adherence_all_acc_on_real"] == 1.0
     no_ref = scoring.compute_metrics(videos, None, ["adherence"], metas=metas, spec=SPEC)
     assert "adherence_all_acc" in no_ref.values and "adherence_all_acc_on_real" not in no_ref.values
+    # The VAE's reconstructions are a third set: its adherence (any DiT's ceiling) and PSNR vs the reference.
+    noisy = videos.copy()
+    noisy[0, 0] ^= 1  # one frame off by one grey level (MSE 1), the other 19 identical
+    on_vae = scoring.compute_metrics(videos[::-1], videos, ["adherence"], metas=metas, spec=SPEC, recon=noisy)
+    assert on_vae.values["adherence_all_acc_on_vae"] == 1.0 > on_vae.values["adherence_all_acc"]
+    assert on_vae.values["vae_psnr"] == pytest.approx((10 * np.log10(255.0**2) + 19 * PSNR_CAP) / 20)
+    assert "reconstructions" in on_vae.protocols["adherence_shape_acc_on_vae"]
 
 
 def test_paired_psnr_is_the_capped_per_frame_mean(clips):
