@@ -29,7 +29,7 @@ from absl import logging
 
 from klingjax.eval import media
 from klingjax.eval.heldout import load_dataset_clips
-from klingjax.eval.report import plot_metrics, scorer_sections, write_report
+from klingjax.eval.report import plot_metrics, scorer_sections, write_report, write_text_atomic
 from klingjax.eval.scoring import ALL_METRICS, compute_metrics, load_video_folder, write_generated
 from klingjax.train import host_memory
 
@@ -69,8 +69,7 @@ def evaluate_folder(generated: str, out_dir: str, *, reference: str | None = Non
     result = {"metrics": values, "protocols": protocols, "timings": scores.timings, "skipped": scores.skipped,
               "generated": os.path.abspath(generated), "reference": os.path.abspath(reference or dataset or ""),
               "num_generated": int(len(gen)), "video_shape": list(gen.shape[1:]), "files": names}
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_text_atomic(os.path.join(out_dir, "metrics.json"), json.dumps(result, indent=2))
     plot = os.path.join(out_dir, "metrics.png")
     plot_metrics(plot, values)
     n_show = min(8, len(gen))

@@ -17,7 +17,7 @@ from klingjax.config import ExperimentConfig
 from klingjax.eval import media, scoring, task_eval
 from klingjax.eval.generate import VideoGenerator
 from klingjax.eval.heldout import load_eval_clips, load_heldout_clips, synthetic_spec  # noqa: F401 (re-exported)
-from klingjax.eval.report import scorer_sections, write_report
+from klingjax.eval.report import scorer_sections, write_report, write_text_atomic
 
 GENERATED_DIR = ("eval", "generated")  # under out_dir: the generated clips, in `klingjax-eval --generated` format
 TASKS_DIR = ("eval", "tasks")  # under out_dir: the per-task card of a masked-video model (`task_eval`)
@@ -29,9 +29,9 @@ def evaluate(exp: ExperimentConfig, generator: VideoGenerator, *, data_dir: str,
     `klingjax-eval` scorer and write `out_dir/report.md` + media; returns metrics.
 
     `klingjax-eval --generated OUT_DIR/eval/generated --dataset DATA_DIR --metrics adherence[,fvd]` reproduces
-    the metric values (the videos are stored losslessly) except the VAE's own (`*_on_vae`, `vae_psnr`). A model trained on masked-video tasks besides t2v also
-    gets the per-task evaluation (`task_eval.evaluate_tasks` into `out_dir/eval/tasks`, `<task>/<metric>` metrics,
-    its card a section of the report).
+    the metric values (the videos are stored losslessly) except the VAE's own (`*_on_vae`, `vae_psnr`). A model
+    trained on masked-video tasks besides t2v also gets the per-task evaluation (`task_eval.evaluate_tasks` into
+    `out_dir/eval/tasks`, `<task>/<metric>` metrics, its card a section of the report).
     """
     spec = synthetic_spec(data_dir)
     real, captions, metas = load_eval_clips(exp, data_dir, exp.eval.num_clips)
@@ -83,9 +83,9 @@ def _write_outputs(exp: ExperimentConfig, out_dir: str, fake: np.ndarray, real: 
         grids[name] = os.path.join(out_dir, name)
         media.write_png_grid(grids[name], videos[:n_show], ncols=1, frames_per_row=min(9, videos.shape[1]), scale=3,
                              captions=captions[:n_show])
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump({"metrics": metrics, "protocols": scores.protocols, "timings": scores.timings,
-                   "skipped": scores.skipped, "generated": os.path.abspath(folder)}, f, indent=2)
+    write_text_atomic(os.path.join(out_dir, "metrics.json"),
+                      json.dumps({"metrics": metrics, "protocols": scores.protocols, "timings": scores.timings,
+                                  "skipped": scores.skipped, "generated": os.path.abspath(folder)}, indent=2))
     write_report(
         os.path.join(out_dir, "report.md"),
         title=f"klingjax report: {exp.name}",

@@ -169,7 +169,14 @@ def write_report(
         grid_png=grid_png,
         extra_sections=extra_sections,
     )
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".md.tmp")
+    write_text_atomic(target, text)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` whole or not at all: a temp file in the same folder, then a rename (a crash or a
+    kill mid-write leaves the previous file, never a truncated one)."""
+    target = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=target.suffix + ".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     os.chmod(tmp, 0o644)  # mkstemp creates 0600

@@ -32,7 +32,7 @@ from klingjax.data.synthetic import SyntheticSpec, sprite_height
 from klingjax.data.tasks import SOURCE_FRAMES, TASKS, Box, Grid, given_latents
 from klingjax.eval import heldout, media
 from klingjax.eval import task_metrics as tm
-from klingjax.eval.report import plot_metrics
+from klingjax.eval.report import plot_metrics, write_text_atomic
 
 CARD, METRICS_JSON, PLOT = "task_card.md", "task_metrics.json", "task_metrics.png"
 # Card / metric prefix of each task of the table (extension forwards is the "prefix" task).
@@ -330,11 +330,11 @@ def _write_outputs(out_dir: str, metrics: dict[str, float], shown: dict[str, Out
         media.write_png_grid(os.path.join(out_dir, grids[-1]), rows, ncols=1,
                              frames_per_row=min(9, o.fake.shape[1]), scale=3, captions=labels)
     plot_metrics(os.path.join(out_dir, PLOT), metrics)
-    with open(os.path.join(out_dir, METRICS_JSON), "w") as f:
-        json.dump({"metrics": metrics, "num_clips": len(captions), "tasks": list(shown),
-                   "goals": {k: {"goal": GOALS[k][2], "status": goal_status(k, v)}
-                             for k, v in metrics.items() if k in GOALS}}, f, indent=2)
+    write_text_atomic(os.path.join(out_dir, METRICS_JSON), json.dumps(
+        {"metrics": metrics, "num_clips": len(captions), "tasks": list(shown),
+         "goals": {k: {"goal": GOALS[k][2], "status": goal_status(k, v)} for k, v in metrics.items() if k in GOALS}},
+        indent=2))
     body = "\n".join(f"![{g}]({g})" for g in grids)
-    with open(os.path.join(out_dir, CARD), "w") as f:
-        f.write(f"# Task card ({len(captions)} held-out clips)\n\n{card_markdown(metrics)}\n"
-                f"![metrics]({PLOT})\n\nSamples (condition | generated | ground truth):\n\n{body}\n")
+    write_text_atomic(os.path.join(out_dir, CARD),
+                      f"# Task card ({len(captions)} held-out clips)\n\n{card_markdown(metrics)}\n"
+                      f"![metrics]({PLOT})\n\nSamples (condition | generated | ground truth):\n\n{body}\n")
