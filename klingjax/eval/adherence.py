@@ -6,7 +6,8 @@ The detector is plain image analysis that knows only the generator's vocabularie
    background); it is assigned the colour with the smallest residual, which also un-mixes the
    anti-aliased / blurred edge pixels (they lie on that line);
 3. per colour, in-plane connected components (tiny specks dropped) give a soft alpha map per frame;
-   a colour with enough mass in most frames is an object (objects in one clip never share a colour);
+   a colour with enough mass in most frames (half the smallest sprite the spec draws) is an object (objects in
+   one clip never share a colour);
 4. shape = the sprite template (same rasteriser as the generator, same area and centroid, blurred by
    the excess of the measured second moments over the sharp sprite's) with the least squared error;
 5. direction = dominant axis of the least-squares centroid velocity, corrected for the camera;
@@ -25,7 +26,9 @@ from klingjax.data.synthetic import DIRECTION_VECTORS, SyntheticSpec, rasterize,
 
 _FG_DISTANCE = 40.0  # RGB distance from the background that marks a pixel as foreground
 _MIN_COMPONENT = 3  # px; smaller foreground specks are noise
-_MIN_OBJECT_AREA = 6.0  # px of alpha mass per frame (in most frames) for a colour to count as an object
+_MIN_OBJECT_AREA = 6.0  # px of alpha mass per frame (in most frames) for a colour to count as an object ...
+_MIN_OBJECT_FRACTION = 0.5  # ... and at least this fraction of the smallest sprite the spec can draw: a VAE's colour
+# fringe at a moving edge (cyan -> a blue rim, yellow -> a red one, 7-15 px next to a 35+ px sprite) is not an object
 # Per shape, with bbox width `size`: area / size^2, centroid y / bbox height, per-axis variance / size^2.
 _AREA_PER_SIZE2 = {"circle": np.pi / 4, "square": 1.0, "triangle": np.sqrt(3) / 4}
 _CENTROID_Y = {"circle": 0.5, "square": 0.5, "triangle": 2 / 3}
@@ -72,6 +75,11 @@ def _template_error(shape: str, alpha: np.ndarray, centroid: np.ndarray) -> floa
     if blur > 0.05:
         sprites = ndimage.gaussian_filter(sprites, (0, blur, blur))
     return float(np.sum((sprites - alpha) ** 2))
+
+
+def smallest_sprite_area(spec: SyntheticSpec) -> float:
+    """Area in px of the smallest sprite `spec` draws (its smallest bbox width, its least-area shape)."""
+    return min(_AREA_PER_SIZE2[s] for s in spec.shapes) * spec.size_range[0] ** 2
 
 
 def _classify_shape(alpha: np.ndarray, centroid: np.ndarray, valid: np.ndarray, shapes: Sequence[str]) -> str:
@@ -129,6 +137,7 @@ def _extract(frames: np.ndarray, spec: SyntheticSpec) -> tuple[np.ndarray, np.nd
     best = np.full(foreground.shape, -1)
     best[foreground] = _assign_colours(diff[foreground], palette)  # (T, H, W), -1 on the background
 
+    min_area = max(_MIN_OBJECT_AREA, _MIN_OBJECT_FRACTION * smallest_sprite_area(spec))
     objects = []
     for k, name in enumerate(names):
         core = foreground & (best == k)
@@ -143,7 +152,7 @@ def _extract(frames: np.ndarray, spec: SyntheticSpec) -> tuple[np.ndarray, np.nd
         alpha = diff @ palette[k] / (palette[k] @ palette[k])  # (T, H, W), unclipped so noise averages out
         obj_alpha = np.where(region, alpha, 0.0)
         area = obj_alpha.sum((1, 2))  # (T,)
-        if np.median(area) < _MIN_OBJECT_AREA:
+        if np.median(area) < min_area:
             continue
         ys = np.arange(f.shape[1], dtype=np.float32) + 0.5
         xs = np.arange(f.shape[2], dtype=np.float32) + 0.5

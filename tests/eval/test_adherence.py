@@ -63,3 +63,22 @@ def test_empty_clip_has_no_objects():
     pred = detect(frames, SPEC)
     assert pred["num_objects"] == 0 and pred["colour"] is None and pred["camera"] == "static"
     assert pred["background"] == "gray"
+
+
+def test_colour_fringe_is_not_an_object():
+    """A thin rim of another palette colour along a sprite's edge (what a lossy VAE leaves at a moving edge:
+    cyan -> a blue rim) is below half the smallest sprite: one object, not two. A real second sprite still counts."""
+    spec = dataclasses.replace(SPEC, p_camera_pan=0.0, size_range=(9.0, 13.0))  # the demo's sprites
+    clip = generate_clip(spec, 3, 0)
+    colour = clip.meta["objects"][0]["colour"]
+    other = next(c for c, _ in spec.colours if c != colour)
+    frames = clip.frames.copy()
+    bg = np.median(frames[:, 0].reshape(-1, 3), axis=0)
+    sprite = np.any(np.abs(frames.astype(np.float32) - bg) > 60, -1)  # (T, H, W)
+    rim = ndimage.binary_dilation(sprite, structure=np.ones((1, 3, 1), bool)) & ~sprite  # 1 px above and below
+    rim &= np.cumsum(rim, axis=2) <= 5  # at most 5 px per row segment: a fringe, well under the smallest sprite
+    fringed = np.where(rim[..., None], spec.colour_table[other].astype(np.uint8), frames)
+    assert 6 < rim.sum(axis=(1, 2)).max() < 0.5 * 0.433 * spec.size_range[0] ** 2  # over the old 6 px floor
+    assert detect(fringed, spec)["num_objects"] == 1
+    two = dataclasses.replace(spec, p_two_objects=1.0)
+    assert all(detect(generate_clip(two, 3, i).frames, two)["num_objects"] == 2 for i in range(5))
