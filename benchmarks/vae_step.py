@@ -1,11 +1,12 @@
 """VAE train-step benchmark: klingjax's VAE stage step versus diffusers `AutoencoderKLWan` + torch AdamW.
 
-    python benchmarks/vae_step.py [--variant demo] [--batch 8] [--frames 9] [--size 32] [--steps 5] [--threads N]
+    python benchmarks/vae_step.py [--variant demo] [--batch B] [--frames 9] [--size 32] [--steps 5] [--threads N]
                                   [--no_lpips] [--no_forward] [--quick] [--host_malloc tcmalloc|system]
 
 CPU, same process, same thread count (torch.set_num_threads(--threads); XLA's pool uses every schedulable core).
-The experiment is experiments/demo.py's, with --variant/--batch/--frames/--size applied: by default the demo VAE
-(1.84M params) on batch 8 of 9x32x32 clips, the demo's loss weights and optimiser.
+The experiment is experiments/demo.py's, with --variant/--batch/--frames/--size applied: by default the demo's VAE
+(its variant and model overrides, z 16: 1.88M params) on the demo's batch (2) of 9x32x32 clips, the demo's loss
+weights and optimiser.
 
 - klingjax runs the train step users run: the "vae" stage's loss (`stages.vae_stage` -> `vae_losses.vae_loss`:
   encode, posterior sample, decode, L1 + mse_weight * MSE + kl_weight * KL, PSNR metric), `create_trainer` +
@@ -80,8 +81,11 @@ def experiment(variant: str, batch: int, frames: int, size: int, lpips_weight: f
 
     c = demo.get_config()
     c.data.num_frames, c.data.height, c.data.width = frames, size, size
-    c.vae.variant, c.vae.batch_size, c.vae.sharding = variant, batch, "dp"
-    c.vae.model_overrides = dict(overrides or {})
+    if variant != c.vae.variant:  # another variant: the demo's overrides (z_dim ...) were meant for the demo's
+        c.vae.model_overrides = {}
+    c.vae.variant, c.vae.sharding = variant, "dp"
+    c.vae.batch_size = batch or c.vae.batch_size
+    c.vae.model_overrides = {**c.vae.model_overrides, **(overrides or {})}
     c.vae.loss.lpips_weight = lpips_weight
     c.eval.fvd = False  # I3D's 9-frame minimum would reject short clips; eval plays no part here
     return to_experiment(c)
@@ -231,7 +235,7 @@ def median(times: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="demo", help="VAE variant (klingjax.models.vae.VAE_VARIANTS)")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=0, help="clips per step; 0: the demo's vae.batch_size")
     parser.add_argument("--frames", type=int, default=9, help="clip length, 1 + 4k")
     parser.add_argument("--size", type=int, default=32, help="frame height = width in pixels")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median) per contender")
@@ -255,6 +259,7 @@ def main() -> None:
 
     device = jax.devices("cpu")[0]
     exp = experiment(args.variant, args.batch, args.frames, args.size, overrides=overrides)
+    args.batch = exp.vae.batch_size
     cfg, loss = layout.vae_config(exp), exp.vae.loss
     video = make_video(exp)
     print(f"CPU: {dit_step.cpu_name()}, {len(os.sched_getaffinity(0))} schedulable cores (XLA's pool); torch threads "
