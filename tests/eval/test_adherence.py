@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from klingjax.data.synthetic import SyntheticSpec, generate_clip
-from klingjax.eval.adherence import detect, score
+from klingjax.eval.adherence import detect, score, smallest_sprite_area
 
 SPEC = SyntheticSpec(p_camera_pan=0.5)
 N = 150
@@ -76,9 +76,9 @@ def test_colour_fringe_is_not_an_object():
     bg = np.median(frames[:, 0].reshape(-1, 3), axis=0)
     sprite = np.any(np.abs(frames.astype(np.float32) - bg) > 60, -1)  # (T, H, W)
     rim = ndimage.binary_dilation(sprite, structure=np.ones((1, 3, 1), bool)) & ~sprite  # 1 px above and below
-    rim &= np.cumsum(rim, axis=2) <= 5  # at most 5 px per row segment: a fringe, well under the smallest sprite
+    rim &= np.cumsum(rim, axis=2) <= 5  # at most 5 px per row: a fringe, well under the smallest sprite
     fringed = np.where(rim[..., None], spec.colour_table[other].astype(np.uint8), frames)
-    assert 6 < rim.sum(axis=(1, 2)).max() < 0.5 * 0.433 * spec.size_range[0] ** 2  # over the old 6 px floor
+    assert 6 < rim.sum(axis=(1, 2)).max() < 0.5 * smallest_sprite_area(spec)  # over the old 6 px floor
     assert detect(fringed, spec)["num_objects"] == 1
     two = dataclasses.replace(spec, p_two_objects=1.0)
     assert all(detect(generate_clip(two, 3, i).frames, two)["num_objects"] == 2 for i in range(5))
