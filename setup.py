@@ -49,7 +49,7 @@ setup(
     extras_require={
         "assets": ASSETS,
         "test": ["pytest>=8", "ruff>=0.6"],
-        "torch": ["torch==2.13.0", "diffusers>=0.42", "transformers", "safetensors", "accelerate"],
+        "torch": ["torch==2.13.0", "diffusers>=0.42", "transformers", "safetensors", "accelerate", "peft>=0.17"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
@@ -58,6 +58,7 @@ setup(
             "klingjax-train=klingjax.main:run",
             "klingjax-export=klingjax.export.export:main",
             "klingjax-import=klingjax.export.importer:main",
+            "klingjax-merge-lora=klingjax.export.merge_lora:main",
             "klingjax-eval=klingjax.eval.cli:run",
             "klingjax-generate=klingjax.eval.generate_cli:run",
             "klingjax-plan=klingjax.plan.cli:run",

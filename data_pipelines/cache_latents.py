@@ -111,6 +111,10 @@ def cache_latents(exp: ExperimentConfig, workdir: str, vae: nnx.Module, text_enc
     mean = s / n
     std = np.sqrt(np.maximum(ss / n - mean**2, 1e-12))
     stats = {"mean": mean.tolist(), "std": std.tolist(), "num_latent_vectors": int(n), **text_key}
+    if exp.vae.from_workdir:  # a DiT trained over that VAE normalised its latents with that work dir's statistics
+        base_mean, base_std = layout.load_latent_stats(exp.vae.from_workdir)
+        stats.update(mean=base_mean.tolist(), std=base_std.tolist(), from_workdir=exp.vae.from_workdir,
+                     own_mean=mean.tolist(), own_std=std.tolist())
     multihost_utils.sync_global_devices("cache_latents_written")
     if proc == 0:
         tmp = stats_path + ".tmp"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from klingjax.diffusion.samplers import Sampler
 from klingjax.diffusion.schedules import TimestepSampling
 from klingjax.models.discriminator import DiscriminatorConfig
 from klingjax.models.dit import DIT_VARIANTS, dit_config
+from klingjax.models.layers.lora import DEFAULT_TARGETS as LORA_TARGETS
 from klingjax.models.lpips import LPIPS_MIN_SIZE, LPIPSNet
 from klingjax.models.vae import VAE_VARIANTS, vae_config
 
@@ -62,6 +64,8 @@ class DataConfig:
     speed_range: tuple[float, ...] = (0.6, 1.0)  # (min, max) sprite speed in px / frame (clamped to stay in frame)
     worker_count: int = 0
     path: str = ""  # empty: <workdir>/data
+    # Colours added to the synthetic palette, name -> (r, g, b) 0-255: a concept a base model never saw (fine-tuning).
+    extra_colours: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +81,32 @@ class OptimConfig:
     b2: float = 0.99
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+
+
+class TrainableMode(enum.Enum):
+    """Which parameters a stage trains."""
+
+    FULL = "full"  # every parameter
+    SUBSET = "subset"  # the params whose path matches `trainable.params`; the rest frozen
+    LORA = "lora"  # LoRA factors on the linear layers matching `trainable.lora_targets` (+ `trainable.params`)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainableConfig:
+    """What a stage trains (klingjax.train.trainable). Anything but `full` fine-tunes the model `init_from` names:
+    frozen params come from it, get no optimizer state and no EMA copy, and are not checkpointed (the stage keeps
+    a pointer to the base and its fingerprint in `base.json`).
+
+    Patterns are regular expressions searched in "/"-joined param paths, e.g. `blocks/attn1/` (every self-attention
+    param), `condition_embedder/` or `scale_shift_table$`.
+    """
+
+    mode: TrainableMode = TrainableMode.FULL
+    params: tuple[str, ...] = ()  # subset: the params trained; lora: params trained in full beside the factors
+    lora_rank: int = 16
+    lora_alpha: float = 0.0  # 0: alpha = rank (scale 1)
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # linear layers given factors (paths as in lora.DEFAULT_TARGETS)
+    frozen_dtype: str = "float32"  # storage dtype of the frozen params: float32 | bfloat16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +127,7 @@ class StageConfig:
     sample_every: int = 0  # 0: only at the end
     init_from: str = ""  # fresh start only: load model params (model + EMA) from this stage/checkpoint dir
     init_from_ema: bool = True  # take the EMA params of `init_from` (else the raw model params)
+    trainable: TrainableConfig = TrainableConfig()  # full training (default), a frozen subset, or LoRA
     # Step guard (klingjax.train.guard): a step with a non-finite loss / gradient norm (or a loss spike) is skipped;
     # more than this many consecutive skips stop the run (0: stop at the first).
     max_nonfinite_steps: int = 0
@@ -131,6 +162,9 @@ class VAEStageConfig(StageConfig):
     """Stage "vae": train settings + the reconstruction loss + the discriminator."""
 
     variant: str = "demo"  # a key of klingjax.models.vae.VAE_VARIANTS
+    # A klingjax-train work dir whose trained VAE (and latent normalisation) this experiment uses instead of training
+    # one, e.g. to fine-tune a DiT trained there (the "vae" stage must then not run; variant/overrides must match).
+    from_workdir: str = ""
     loss: VAELossConfig = VAELossConfig()
     disc: DiscConfig = DiscConfig()
 
@@ -171,6 +205,7 @@ class EvalConfig:
     num_clips: int = 64
     fvd: bool = True
     batch_size: int = 16
+    concept: str = ""  # a colour / shape word: adherence also reported on the clips showing it and on the rest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +274,11 @@ def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Expe
     d = exp.data
     if d.num_frames < 1 or (d.num_frames - 1) % 4:
         raise ConfigError(f"config key 'data.num_frames': {d.num_frames} is not 1 + 4k")
+    for name, rgb in d.extra_colours.items():
+        if not (isinstance(rgb, list | tuple) and len(rgb) == 3 and all(isinstance(c, int) and 0 <= c <= 255
+                                                                        for c in rgb)):
+            raise ConfigError(f"config key 'data.extra_colours.{name}': expected (r, g, b) integers in 0-255, got "
+                              f"{rgb!r}")
     for key in ("sprite_size", "speed_range"):
         lo_hi = getattr(d, key)
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
@@ -253,9 +293,13 @@ def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Expe
         if s.optim.lr <= 0:
             raise ConfigError(f"config key '{name}.optim.lr': must be positive, got {s.optim.lr}")
         _check_guard(name, s)
+        _check_trainable(name, s)
     if not 0.0 <= exp.dit.caption_dropout < 1.0:
         raise ConfigError(f"config key 'dit.caption_dropout': must be in [0, 1), got {exp.dit.caption_dropout}")
     _check_vae_losses(exp)
+    if exp.vae.from_workdir and "vae" in exp.stages:
+        raise ConfigError("config key 'vae.from_workdir': the VAE comes from another work dir, so 'stages' must not "
+                          "list 'vae'")
     _check_model_overrides(exp)
     _check_tasks(exp)
     if exp.sample.num_steps < 1:
@@ -273,6 +317,40 @@ def _check_guard(name: str, s: StageConfig) -> None:
         raise ConfigError(f"config key '{name}.loss_spike_factor': must be 0 (off) or > 1, got {s.loss_spike_factor}")
     if s.loss_spike_window < 1:
         raise ConfigError(f"config key '{name}.loss_spike_window': must be >= 1, got {s.loss_spike_window}")
+
+
+FROZEN_DTYPES = ("float32", "bfloat16")
+
+
+def _check_trainable(name: str, s: StageConfig) -> None:
+    """The `trainable` keys of stage `name` (patterns matching nothing are caught when the model is built)."""
+    t, key = s.trainable, f"{name}.trainable"
+    if t.mode is TrainableMode.FULL:
+        if t.params:
+            raise ConfigError(f"config key '{key}.params': only read with mode subset or lora (mode is full)")
+        return
+    if not s.init_from:
+        raise ConfigError(f"config key '{key}.mode': {t.mode.value} fine-tunes a trained model: set "
+                          f"'{name}.init_from' to its stage directory")
+    if t.mode is TrainableMode.SUBSET and not t.params:
+        raise ConfigError(f"config key '{key}.params': mode subset needs at least one param pattern")
+    if t.mode is TrainableMode.LORA:
+        if name != "dit":
+            raise ConfigError(f"config key '{key}.mode': LoRA is available for the DiT stage only (use subset)")
+        if t.lora_rank < 1:
+            raise ConfigError(f"config key '{key}.lora_rank': must be >= 1, got {t.lora_rank}")
+        if t.lora_alpha < 0:
+            raise ConfigError(f"config key '{key}.lora_alpha': must be >= 0, got {t.lora_alpha}")
+        if not t.lora_targets:
+            raise ConfigError(f"config key '{key}.lora_targets': LoRA needs at least one target pattern")
+    for field in ("params", "lora_targets"):
+        for pattern in getattr(t, field):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"config key '{key}.{field}': {pattern!r} is not a regular expression: {e}") from None
+    if t.frozen_dtype not in FROZEN_DTYPES:
+        raise ConfigError(f"config key '{key}.frozen_dtype': {t.frozen_dtype!r} is not one of {FROZEN_DTYPES}")
 
 
 def _check_vae_losses(exp: ExperimentConfig) -> None:
@@ -326,7 +404,7 @@ def _check_tasks(exp: ExperimentConfig) -> None:
 
 
 # DiT fields the stage ties to the VAE (z_dim) and the text encoder (width): not overridable.
-TIED_DIT_FIELDS = ("in_channels", "out_channels", "text_dim")
+TIED_DIT_FIELDS = ("in_channels", "out_channels", "text_dim", "lora")
 
 
 def _check_model_overrides(exp: ExperimentConfig) -> None:
@@ -343,7 +421,7 @@ def _check_model_overrides(exp: ExperimentConfig) -> None:
             if key not in fields:
                 raise ConfigError(f"unknown config key '{where}' (valid keys here: {sorted(fields)})")
             if name == "dit" and key in TIED_DIT_FIELDS:
-                raise ConfigError(f"config key '{where}': set by the stage (VAE z_dim / text encoder)")
+                raise ConfigError(f"config key '{where}': set by the stage (VAE z_dim / text encoder / dit.trainable)")
             kind = type(getattr(base, key))
             if kind in (int, float, bool, str):
                 ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from klingjax import layout, measures
 from klingjax.config import ExperimentConfig, config_from_dataclass
-from klingjax.data.synthetic import SyntheticSpec
+from klingjax.data.synthetic import DEFAULT_COLOURS, SyntheticSpec
 from klingjax.eval import media
 from klingjax.eval.evaluate import evaluate, load_eval_clips
 from klingjax.eval.generate import VideoGenerator, load_generator
@@ -41,9 +41,10 @@ def run_data(exp: ExperimentConfig, workdir: str) -> dict:
     d = exp.data
     out = layout.data_dir(exp, workdir)
     if jax.process_index() == 0:
+        colours = DEFAULT_COLOURS + tuple((k, tuple(v)) for k, v in d.extra_colours.items())
         spec = SyntheticSpec(num_frames=d.num_frames, height=d.height, width=d.width,
                              heldout_fraction=d.heldout_fraction, size_range=tuple(d.sprite_size),
-                             speed_range=tuple(d.speed_range))
+                             speed_range=tuple(d.speed_range), colours=colours)
         write_synthetic_dataset(out, spec, exp.seed, d.num_train, d.num_eval, d.num_shards)
     multihost_utils.sync_global_devices("synthetic_data_written")
     return {"data_dir": out}

@@ -17,9 +17,10 @@ import os
 import ml_collections
 import numpy as np
 
-from klingjax.config import ExperimentConfig, to_experiment
+from klingjax.config import ExperimentConfig, TrainableMode, to_experiment
 from klingjax.diffusion import schedules
 from klingjax.models.dit import DiTConfig, dit_config
+from klingjax.models.layers.lora import LoRAConfig
 from klingjax.models.vae import VAEConfig
 from klingjax.models.vae import vae_config as vae_config_of
 
@@ -46,6 +47,11 @@ def stage_dir(workdir: str, name: str) -> str:
 def checkpoint_dir(workdir: str, name: str) -> str:
     """A train stage's Orbax checkpoint folder."""
     return os.path.join(stage_dir(workdir, name), "checkpoints")
+
+
+def vae_workdir(exp: ExperimentConfig, workdir: str) -> str:
+    """The work dir whose VAE (checkpoints, latent normalisation) `exp` uses: `vae.from_workdir` or `workdir`."""
+    return exp.vae.from_workdir or workdir
 
 
 def load_workdir_config(workdir: str) -> ExperimentConfig:
@@ -78,9 +84,12 @@ def vae_config(exp: ExperimentConfig) -> VAEConfig:
 
 
 def dit_model_config(exp: ExperimentConfig, text_dim: int) -> DiTConfig:
-    """The DiT variant with channels tied to the VAE and the text width tied to the text encoder."""
-    z = vae_config(exp).z_dim
-    return dit_config(exp.dit.variant, in_channels=z, out_channels=z, text_dim=text_dim, **exp.dit.model_overrides)
+    """The DiT variant with channels tied to the VAE, the text width tied to the text encoder and LoRA factors when
+    `dit.trainable.mode` is lora."""
+    z, t = vae_config(exp).z_dim, exp.dit.trainable
+    lora = LoRAConfig(t.lora_rank, t.lora_alpha, t.lora_targets) if t.mode is TrainableMode.LORA else None
+    return dit_config(exp.dit.variant, in_channels=z, out_channels=z, text_dim=text_dim, lora=lora,
+                      **exp.dit.model_overrides)
 
 
 def latent_grid(exp: ExperimentConfig) -> tuple[int, int, int, int]:

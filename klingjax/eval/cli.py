@@ -42,7 +42,7 @@ from klingjax.train import host_memory
 def evaluate_folder(generated: str, out_dir: str, *, reference: str | None = None, dataset: str | None = None,
                     metrics: Sequence[str] = ALL_METRICS, limit: int | None = None, fid_resize: str = "tf_legacy",
                     fid_frames: int = 4, fps: float = 8.0, consistency: bool = True,
-                    vbench_weights: str | None = None, vbench_dims: Sequence[str] = ()) -> dict:
+                    vbench_weights: str | None = None, vbench_dims: Sequence[str] = (), concept: str = "") -> dict:
     """Evaluate a folder of generated videos; writes metrics.json, report.md, plots and grids; returns the JSON."""
     if reference and dataset:
         raise ValueError("give either --reference or --dataset, not both")
@@ -55,7 +55,7 @@ def evaluate_folder(generated: str, out_dir: str, *, reference: str | None = Non
         fps = float(spec.fps)
     scores = compute_metrics(
         gen, ref, metrics, metas=metas, spec=spec, fid_resize=fid_resize, fid_frames=fid_frames, fps=fps,
-        consistency=consistency)
+        consistency=consistency, concept=concept)
     values, protocols = scores.values, scores.protocols
     if vbench_weights or vbench_dims:
         from klingjax.eval.vbench_style import run_exact_vbench
@@ -146,6 +146,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder for metrics.json, report.md and plots")
     p.add_argument("--metrics", default=",".join(ALL_METRICS), help=f"comma-separated subset of {ALL_METRICS}")
     p.add_argument("--limit", type=int, default=None, help="use only the first N videos")
+    p.add_argument("--concept", default="", help="with --dataset: a colour or shape word; adherence is also reported "
+                   "on the clips showing it and on the rest (adherence_<k>_with_<word> / _without_<word>)")
     p.add_argument("--fid_resize", default="tf_legacy", choices=("tf_legacy", "clean"))
     p.add_argument("--fid_frames", type=int, default=4, help="evenly spaced frames per clip for FID / KID")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of the videos (dynamic degree)")
@@ -179,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         generated, args.out, reference=args.reference, dataset=args.dataset,
         metrics=[m for m in args.metrics.split(",") if m], limit=args.limit, fid_resize=args.fid_resize,
         fid_frames=args.fid_frames, fps=args.fps, consistency=not args.no_consistency,
-        vbench_weights=args.vbench_weights, vbench_dims=[d for d in args.vbench_dims.split(",") if d])
+        vbench_weights=args.vbench_weights, vbench_dims=[d for d in args.vbench_dims.split(",") if d],
+        concept=args.concept)
 
 
 def run() -> None:

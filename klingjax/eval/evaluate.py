@@ -48,7 +48,8 @@ def evaluate(exp: ExperimentConfig, generator: VideoGenerator, *, data_dir: str,
     if getattr(generator, "vae", None) is not None:
         recon = generator.decode(generator.encode(real, batch_size=bs), batch_size=bs)
     names = ["adherence"] + (["fvd"] if exp.eval.fvd else [])
-    scores = scoring.compute_metrics(fake, real, names, metas=metas, spec=spec, fps=float(spec.fps), recon=recon)
+    scores = scoring.compute_metrics(fake, real, names, metas=metas, spec=spec, fps=float(spec.fps), recon=recon,
+                                     concept=exp.eval.concept)
     metrics = {**scores.values, **(extra_metrics or {})}
     sections = {}
     if set(task_eval.mixture_tasks(exp)) - {"t2v"}:  # t2v alone is what the clips above measure

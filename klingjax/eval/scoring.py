@@ -119,13 +119,16 @@ def _timed(timings: dict, name: str, items: int, fn: Callable):
 
 def compute_metrics(gen: np.ndarray, ref: np.ndarray | None, metrics: Sequence[str], *, metas=None, spec=None,
                     fid_resize: str = "tf_legacy", fid_frames: int = 4, fps: float = 8.0,
-                    consistency: bool = True, recon: np.ndarray | None = None) -> Scores:
+                    consistency: bool = True, recon: np.ndarray | None = None, concept: str = "") -> Scores:
     """Run `metrics` on generated uint8 (N, T, H, W, 3) vs reference videos -> Scores.
 
     `metas` / `spec`: the synthetic ground truth of the reference clips (a dataset's held-out split), for prompt
     adherence; the detector also scores the reference itself (`adherence_<k>_on_real`: its ceiling).
     `recon`: the VAE's reconstructions of the reference clips (uint8, as `ref`): adherence also scores them
     (`adherence_<k>_on_vae`, the ceiling of any DiT over that VAE) and `vae_psnr` is their PSNR against `ref`.
+    `concept`: a colour or shape word; the generated clips' adherence is also reported on the clips that show it
+    (`adherence_<k>_with_<word>`) and on the rest (`adherence_<k>_without_<word>`), e.g. for a concept a
+    fine-tune taught.
     """
     unknown = sorted(set(metrics) - set(ALL_METRICS))
     if unknown:
@@ -214,6 +217,19 @@ def compute_metrics(gen: np.ndarray, ref: np.ndarray | None, metrics: Sequence[s
             for key in ADHERENCE_KEYS:
                 values[f"adherence_{key}{tag}"] = float(scores[key])
                 protocols[f"adherence_{key}{tag}"] = f"synthetic ground truth, {n} held-out clips, {how}"
+        if not concept:
+            return
+        shows = [any(concept in (o["colour"], o["shape"]) for o in m["objects"]) for m in metas[:n]]
+        for part, want in ((f"_with_{concept}", True), (f"_without_{concept}", False)):
+            rows = [i for i in range(n) if shows[i] == want]
+            values[f"adherence_n{part}"] = float(len(rows))
+            for tag, videos, how in sets if rows else ():
+                scores = adherence.score(videos[rows], [metas[i] for i in rows], spec)
+                for key in ADHERENCE_KEYS:
+                    values[f"adherence_{key}{tag}{part}"] = float(scores[key])
+                    protocols[f"adherence_{key}{tag}{part}"] = (
+                        f"synthetic ground truth, the {len(rows)} of {n} held-out clips "
+                        f"{'showing' if want else 'not showing'} {concept!r}, {how}")
 
     table: dict[str, Callable[[], None]] = {
         "fvd": do_fvd, "psnr": lambda: do_paired("psnr"), "ssim": lambda: do_paired("ssim"),

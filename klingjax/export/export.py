@@ -16,6 +16,7 @@ when complete.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging as pylogging
@@ -27,8 +28,9 @@ from collections.abc import Callable, Sequence
 import ml_dtypes
 import numpy as np
 from absl import logging
+from flax import nnx
 
-from klingjax.export import dit_map, vae_map
+from klingjax.export import dit_map, lora_map, vae_map
 from klingjax.export.checkpoint_source import (
     ArchitectureError,
     OrbaxLeaves,
@@ -40,6 +42,7 @@ from klingjax.export.checkpoint_source import (
 from klingjax.export.param_map import Entry, to_torch, torch_axes
 from klingjax.export.safetensors_io import ShardedWriter, TensorSpec, parse_size
 from klingjax.layout import load_workdir_config
+from klingjax.train import trainable
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float16": np.dtype(np.float16)}
@@ -75,28 +78,86 @@ def _write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=2)
 
 
-def _export_dit(exp, ckpt: StageCheckpoint, folder: str, prefix: str, dtype, max_shard_bytes: int) -> dict:
+class ParamSource:
+    """Where each DiT param of a stage checkpoint is read: the checkpoint itself, or, for a fine-tune (LoRA / frozen
+    subset: `base.json` in its stage dir), the params it did not train from its base (recursively, fingerprint
+    checked)."""
+
+    def __init__(self, ckpt: StageCheckpoint, prefix: str):
+        self.leaves, self.prefix = OrbaxLeaves(ckpt.state_dir), prefix
+        stage_dir = os.path.dirname(ckpt.directory)
+        self.info = trainable.read_base(stage_dir)
+        self.base = None
+        if self.info is not None:
+            _, (base,) = find_checkpoints(self.info["checkpoint"], self.info["step"])
+            trainable.check_base(self.info, stage_dir, base.state_dir)
+            self.base = ParamSource(base, "ema" if self.info["use_ema"] else "model")
+
+    def source(self, path: tuple[str, ...]) -> tuple[OrbaxLeaves, str]:
+        if self.info is None or trainable.path_name(path) in self.info["trained"]:
+            return self.leaves, self.prefix
+        return self.base.source(path)
+
+    def has(self, path: tuple[str, ...]) -> bool:
+        leaves, prefix = self.source(path)
+        return (prefix, *path) in set(leaves.paths)
+
+    def shape(self, path: tuple[str, ...]) -> tuple[int, ...]:
+        leaves, prefix = self.source(path)
+        return leaves.shape((prefix, *path))
+
+    def read(self, path: tuple[str, ...], layer: int | None = None, axes=None) -> np.ndarray:
+        leaves, prefix = self.source(path)
+        return leaves.read((prefix, *path), layer, axes=axes)
+
+
+def _export_dit(exp, ckpt: StageCheckpoint, folder: str, prefix: str, dtype, max_shard_bytes: int, *,
+                lora_folder: str, merge_lora: bool = False) -> dict:
     from klingjax.layout import dit_model_config
 
-    leaves = OrbaxLeaves(ckpt.state_dir)
-    text_key = (prefix, "condition_embedder", "text_embedder", "linear_1", "kernel")
-    if text_key not in set(leaves.paths):
-        raise ArchitectureError(f"{leaves.state_dir} is not a WanDiT checkpoint (it has no {'.'.join(text_key)})")
-    cfg = dit_model_config(exp, leaves.shape(text_key)[0])  # text width comes from the text encoder used
-    check_architecture(leaves, prefix, dit_map.abstract_dit(cfg), "WanDiT")
+    src = ParamSource(ckpt, prefix)
+    text_key = ("condition_embedder", "text_embedder", "linear_1", "kernel")
+    if not src.has(text_key):
+        raise ArchitectureError(f"{src.source(text_key)[0].state_dir} is not a WanDiT checkpoint (it has no "
+                                f"{'.'.join(text_key)})")
+    cfg = dit_model_config(exp, src.shape(text_key)[0])  # text width comes from the text encoder used
+    if src.info is None:
+        check_architecture(src.leaves, prefix, dit_map.abstract_dit(cfg), "WanDiT")
+    base_cfg = dataclasses.replace(cfg, lora=None)  # the transformer's own weights; LoRA factors go to lora_folder
     os.makedirs(folder)
-    _write_json(os.path.join(folder, "config.json"), dit_map.dit_to_diffusers_config(cfg))
+    _write_json(os.path.join(folder, "config.json"), dit_map.dit_to_diffusers_config(base_cfg))
+    lora_scale = cfg.lora.scale if cfg.lora is not None else 0.0
 
     def read(e: Entry) -> np.ndarray:
-        if e.path != dit_map.PATCH_KERNEL:
-            return read_entry(leaves, prefix, e)
-        # The patch kernel (small) is read whole: CHANNEL_CONCAT fuses it with `cond_kernel` (dit_map.patch_rows).
-        names = [p for p in (dit_map.PATCH_KERNEL, dit_map.COND_KERNEL) if (prefix, *p) in set(leaves.paths)]
-        params = dit_map.to_diffusers_params(cfg, {p: leaves.read((prefix, *p)) for p in names})
-        return to_torch(params[dit_map.PATCH_KERNEL], e.layout)
+        if e.path == dit_map.PATCH_KERNEL:
+            # The patch kernel (small) is read whole: CHANNEL_CONCAT fuses it with `cond_kernel` (dit_map.patch_rows).
+            names = [p for p in (dit_map.PATCH_KERNEL, dit_map.COND_KERNEL) if src.has(p)]
+            params = dit_map.to_diffusers_params(base_cfg, {p: src.read(p) for p in names})
+            return to_torch(params[dit_map.PATCH_KERNEL], e.layout)
+        a_path = (*e.path[:-1], "lora_a")
+        if merge_lora and e.path[-1] == "kernel" and trainable.path_name(a_path) in lora_leaves:
+            kernel = src.read(e.path, e.layer).astype(np.float32)  # (in, out) in klingjax layout
+            a, b = src.read(a_path, e.layer), src.read((*e.path[:-1], "lora_b"), e.layer)
+            merged = kernel + (a.astype(np.float64) @ b.astype(np.float64) * lora_scale).astype(np.float32)
+            return to_torch(merged, e.layout).reshape(e.torch_shape)
+        leaves, pre = src.source(e.path)
+        return read_entry(leaves, pre, e)
 
-    size = write_weights(leaves, prefix, dit_map.dit_entries(cfg), folder, dtype, max_shard_bytes, read=read)
-    return {"text_dim": cfg.text_dim, "masked_video": cfg.conditions.masked_video.value, "bytes": size}
+    lora_leaves = set()
+    if cfg.lora is not None:
+        lora_leaves = {trainable.path_name(p) for p, _ in
+                       nnx.to_flat_state(nnx.state(dit_map.abstract_dit(cfg), nnx.LoRAParam))}
+    size = write_weights(None, prefix, dit_map.dit_entries(base_cfg), folder, dtype, max_shard_bytes, read=read)
+    out = {"text_dim": cfg.text_dim, "masked_video": cfg.conditions.masked_video.value, "bytes": size}
+    if src.info is not None:
+        out["base"] = {k: src.info[k] for k in ("checkpoint", "step", "use_ema", "sha256", "mode")}
+    if cfg.lora is not None:
+        if merge_lora:
+            out["lora"] = "merged into the transformer weights"
+        else:
+            out["lora"] = lora_map.write_lora(lora_folder, cfg, lambda path, layer: src.read(path, layer),
+                                              dtype=dtype)
+    return out
 
 
 def _export_vae(exp, workdir: str, ckpt: StageCheckpoint, folder: str, prefix: str, dtype,
@@ -171,8 +232,13 @@ def _pipeline_files(out: str, exp, has_text_encoder: bool, pipeline: dit_map.Pip
 
 
 def export_checkpoint(checkpoint: str, out: str, *, step: int | None = None, ema: bool = False,
-                      dtype: str = "float32", max_shard_size: str | int = "5GB") -> dict:
-    """Export a workdir / stage checkpoint to the diffusers folder `out`; returns a summary dict."""
+                      dtype: str = "float32", max_shard_size: str | int = "5GB", merge_lora: bool = False) -> dict:
+    """Export a workdir / stage checkpoint to the diffusers folder `out`; returns a summary dict.
+
+    A LoRA fine-tune writes its base's transformer weights (plus any params it trained in full) to `transformer/`
+    and its factors to `lora/pytorch_lora_weights.safetensors` (`pipe.load_lora_weights(out + "/lora")`), or, with
+    `merge_lora`, the merged weights to `transformer/` and no LoRA file.
+    """
     out = os.path.abspath(out)
     if os.path.lexists(out):
         raise FileExistsError(f"--out {out} already exists; choose a new folder (an export never overwrites)")
@@ -192,7 +258,8 @@ def export_checkpoint(checkpoint: str, out: str, *, step: int | None = None, ema
     try:
         if "dit" in stages:
             summary["components"]["transformer"] = _export_dit(
-                exp, stages["dit"], os.path.join(tmp, "transformer"), prefix, DTYPES[dtype], max_shard_bytes)
+                exp, stages["dit"], os.path.join(tmp, "transformer"), prefix, DTYPES[dtype], max_shard_bytes,
+                lora_folder=os.path.join(tmp, "lora"), merge_lora=merge_lora)
         if "vae" in stages:
             summary["components"]["vae"] = _export_vae(
                 exp, workdir, stages["vae"], os.path.join(tmp, "vae"), prefix, DTYPES[dtype], max_shard_bytes)
@@ -237,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ema", action="store_true", help="export the EMA params instead of the raw params")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
+    parser.add_argument("--merge_lora", action="store_true", help="a LoRA fine-tune: write the merged weights to "
+                        "transformer/ instead of the base's weights + lora/pytorch_lora_weights.safetensors")
     parser.add_argument("--verify", action="store_true", help="run diffusers and klingjax on the same random "
                         "inputs and print the max abs difference per component (needs torch)")
     args = parser.parse_args(argv)
@@ -248,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         require_torch()  # fail before the (possibly long) export
     try:
         summary = export_checkpoint(args.checkpoint, args.out, step=args.step, ema=args.ema, dtype=args.dtype,
-                                    max_shard_size=args.max_shard_size)
+                                    max_shard_size=args.max_shard_size, merge_lora=args.merge_lora)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         parser.exit(2, f"klingjax-export: error: {e}\n")
     logging.info("components: %s", json.dumps(summary["components"]))

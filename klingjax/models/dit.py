@@ -52,6 +52,7 @@ from klingjax.models.dit_inputs import (
 )
 from klingjax.models.layers.attention import AttentionImpl, WanAttention, attention, dense, table_init
 from klingjax.models.layers.embeddings import ConditionEmbedder, PatchEmbed, check_patchable, unpatchify
+from klingjax.models.layers.lora import LoRAConfig, add_lora
 from klingjax.models.layers.norms import LayerNorm, RMSNorm, logical
 from klingjax.models.layers.rope import apply_rope
 from klingjax.sharding.context_parallel import ContextParallel, context_parallel_enabled
@@ -124,6 +125,7 @@ class DiTConfig:
     text_attention: TextAttention = TextAttention.CROSS
     context_parallel: ContextParallel = ContextParallel.ALL_TO_ALL  # used when a mesh splits tokens over "context"
     conditions: ConditionSpec = ConditionSpec()  # which conditions the model reads; default = Wan T2V (text)
+    lora: LoRAConfig | None = None  # LoRA factors on the matching linear layers (fine-tuning); None: none
     dtype: Any = jnp.float32  # compute dtype of matmuls; norms, modulation and time MLP stay float32
     param_dtype: Any = jnp.float32
 
@@ -137,6 +139,8 @@ class DiTConfig:
                 raise TypeError(f"DiTConfig.{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
         if not isinstance(self.conditions, ConditionSpec):
             raise TypeError(f"DiTConfig.conditions must be a ConditionSpec, got {self.conditions!r}")
+        if self.lora is not None and not isinstance(self.lora, LoRAConfig):
+            raise TypeError(f"DiTConfig.lora must be a LoRAConfig or None, got {self.lora!r}")
 
     @property
     def head_dim(self) -> int:
@@ -165,6 +169,8 @@ def _coerce(name: str, value: Any) -> Any:
         return jnp.dtype(value)
     if name == "conditions" and isinstance(value, dict):
         return ConditionSpec.from_config(value)
+    if name == "lora":
+        return LoRAConfig.from_config(value)
     return tuple(value) if isinstance(value, list) else value
 
 
@@ -356,6 +362,8 @@ class WanDiT(nnx.Module):
         self.proj_out = dense(d, cfg.out_channels * math.prod(cfg.patch_size), ("embed", None), **kw)
         init = logical(table_init, (None, None, "embed"))
         self.scale_shift_table = nnx.Param(init(rngs.params(), (1, 2, d), jnp.float32))
+        if cfg.lora is not None:  # drawn last: the base params are those of the model without LoRA
+            add_lora(self, cfg.lora, rngs)
 
     def __call__(self, latents: jax.Array, timesteps: jax.Array, cond: Conditions) -> jax.Array:
         """Predict velocity (B, t, h, w, C_out) of `latents` at `timesteps` (B,) given the conditions `cond`."""

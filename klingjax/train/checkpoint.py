@@ -35,6 +35,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from klingjax.sharding.rules import Rules
+from klingjax.train import trainable
 from klingjax.train.guard import state_is_finite
 from klingjax.train.state import state_shardings
 
@@ -348,15 +349,48 @@ def restore_params(checkpoint: str, abstract_model: nnx.Module, *, step: int | N
     `checkpoint` is a stage dir (`<workdir>/dit`), its `checkpoints/` dir or one step's dir, written by the train
     loop or by `klingjax-import`. `abstract_model` fixes the expected structure (`nnx.eval_shape` of the model);
     `shardings` (same structure, NamedShardings) places the arrays on a mesh. Raises ArchitectureError when
-    shapes differ.
+    shapes differ. A fine-tune's checkpoint (LoRA / frozen subset: its stage dir has `base.json`) holds only the
+    trained params: the rest is read from its base (fingerprint checked), see `restore_state`.
     """
+    return restore_state(checkpoint, nnx.state(abstract_model), step=step, use_ema=use_ema, shardings=shardings)
+
+
+def restore_state(checkpoint: str, abstract: nnx.State, *, step: int | None = None, use_ema: bool = False,
+                  shardings: nnx.State | None = None) -> nnx.State:
+    """`restore_params` on an abstract `nnx.State` (any subset of a model's params; dtypes are cast to its own)."""
     _, (ckpt,) = find_checkpoints(checkpoint, step)  # checks the step's array index (_METADATA)
-    abstract = nnx.state(abstract_model)
     if shardings is None:
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda a: one, abstract)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    key = "ema" if use_ema else "model"
+    stage_dir = os.path.dirname(ckpt.directory)
+    base = trainable.read_base(stage_dir)
+    if base is None:
+        return _restore_subtree(ckpt, target, "ema" if use_ema else "model")
+    # A fine-tune: trained leaves from this checkpoint, the others from its base (itself perhaps a fine-tune).
+    trained = set(base["trained"])
+    flat = nnx.to_flat_state(target)
+    wanted = {trainable.path_name(p) for p, _ in flat}
+    if missing := sorted(n for n in trained if n.rsplit("/", 1)[-1] in ("lora_a", "lora_b") and n not in wanted):
+        raise ArchitectureError(
+            f"{ckpt.state_dir} is a LoRA fine-tune ({len(missing)} factors, e.g. {missing[0]}) but the model it is "
+            "read into has no LoRA layers there: read it with its own config (dit.trainable), or fold the factors in "
+            "first with klingjax-merge-lora")
+    own = nnx.from_flat_state([(p, v) for p, v in flat if trainable.path_name(p) in trained])
+    rest = nnx.from_flat_state([(p, v) for p, v in flat if trainable.path_name(p) not in trained])
+    parts = []
+    if jax.tree.leaves(rest):
+        _, (base_ckpt,) = find_checkpoints(base["checkpoint"], base["step"])
+        trainable.check_base(base, stage_dir, base_ckpt.state_dir)
+        parts.append(restore_state(base["checkpoint"], rest, step=base["step"], use_ema=base["use_ema"],
+                                   shardings=jax.tree.map(lambda a: a.sharding, rest)))
+    if jax.tree.leaves(own):
+        parts.append(_restore_subtree(ckpt, own, "ema" if use_ema else "model"))
+    return nnx.merge_state(*parts) if len(parts) > 1 else parts[0]
+
+
+def _restore_subtree(ckpt: StageCheckpoint, target: nnx.State, key: str) -> nnx.State:
+    """The `key` ("model" | "ema") subtree of `ckpt` restored into `target` (ShapeDtypeStructs with shardings)."""
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     try:
         restored = ocp.PyTreeCheckpointer().restore(

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from klingjax import layout
-from klingjax.config import ConfigError, ExperimentConfig
+from klingjax.config import ConfigError, ExperimentConfig, TrainableMode
 from klingjax.models.conditions import Conditions
 from klingjax.models.dit import DiTConfig, dit_config
 from klingjax.sharding.mesh import make_mesh, resolve_mesh_shape
@@ -34,12 +34,13 @@ from klingjax.train import stages
 from klingjax.train.batch import LatentBatch
 from klingjax.train.checkpoint import abstract_with_shardings
 from klingjax.train.optim import make_optimizer
-from klingjax.train.state import Trainer, param_count, state_shardings
+from klingjax.train.state import Trainer, param_count, split_frozen, state_shardings
 from klingjax.train.step import batch_sharding, compile_train_step, make_train_step
+from klingjax.train.trainable import check_patterns, trainable_filter
 
 # Set by the stage from the VAE and the text encoder; the dry run cannot take them as DiT overrides.
 _MEMORY_FIELDS = ("argument", "output", "temp", "alias", "generated_code")
-_PART_ORDER = ("model", "optimizer", "ema")
+_PART_ORDER = ("model", "optimizer", "ema", "frozen")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +54,10 @@ class DryRunReport:
     platform: str
     batch: dict[str, tuple[tuple[int, ...], str]]  # batch leaf ("latent", "cond.text", ...) -> (global shape, dtype)
     tokens_per_clip: int
-    param_count: int
-    state_total: dict[str, int]  # model / optimizer / ema bytes over the whole mesh
+    param_count: int  # trained params
+    frozen_param_count: int  # params a fine-tune keeps frozen (outside the state: "frozen" in state_total)
+    trainable: str  # dit.trainable.mode
+    state_total: dict[str, int]  # model / optimizer / ema (/ frozen) bytes over the whole mesh
     state_per_device: dict[str, int]  # the same, the shards one device holds
     memory: dict[str, int]  # compiled.memory_analysis(): argument / output / temp / alias / generated_code
     lower_seconds: float
@@ -115,44 +118,90 @@ def _memory(compiled) -> dict[str, int]:
     return {} if stats is None else {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in _MEMORY_FIELDS}
 
 
-def dry_run(exp: ExperimentConfig, devices: list[jax.Device] | None = None) -> DryRunReport:
-    """Build the DiT stage abstractly on the configured mesh, lower and compile its train step, measure it."""
+@dataclasses.dataclass(frozen=True)
+class AbstractTrainState:
+    """The DiT stage's trainer, shape only, on a mesh: what the loop would hold, with shardings on every leaf."""
+
+    spec: stages.StageSpec
+    mesh: jax.sharding.Mesh
+    rules: Any
+    text_dim: int
+    graphdef: nnx.GraphDef
+    state: nnx.State  # ShapeDtypeStructs with shardings: model / optimizer / ema / guard (trained params only)
+    shardings: nnx.State
+    frozen: nnx.State | None  # a fine-tune's frozen params (model-relative, one copy) or None
+    frozen_shardings: nnx.State | None
+    frozen_abstract: nnx.State | None
+
+    def bytes(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(total, per-device) bytes per part: model, optimizer, ema (trained params), frozen, guard."""
+        return state_bytes(self.state if self.frozen is None else nnx.State({**self.state, "frozen": self.frozen}))
+
+
+def abstract_train_state(exp: ExperimentConfig, devices: list[jax.Device] | None = None) -> AbstractTrainState:
+    """The DiT stage's trainer built with `nnx.eval_shape` on the configured mesh (nothing allocated or compiled).
+
+    A fine-tune (dit.trainable not full) keeps its frozen params out of the state: one copy, in
+    `trainable.frozen_dtype`, no optimizer state and no EMA for them (`state.split_frozen`, as the loop does).
+    """
     devices = list(devices) if devices is not None else jax.devices()
     text_dim = check_dit_stage(exp, len(devices))[0].text_dim
-    model_cfg, grid = layout.dit_model_config(exp, text_dim), layout.latent_grid(exp)  # what the stage builds
     mesh = make_mesh(exp.mesh.sizes, devices)
     rules = get_rules(exp.dit.sharding, "dit")
-    seq, b = exp.text_max_len, exp.dit.batch_size
+    seq = exp.text_max_len
     # The empty-prompt embedding only feeds caption dropout inside the loss: its values don't matter here.
     null_text = (np.zeros((seq, text_dim), np.float32), np.zeros((seq,), bool))
     spec = stages.dit_stage(exp, workdir="", null_text=null_text)  # make_model, loss_fn; its dataset is never built
-
-    # The loop's trainer, shape only (state.create_trainer also materialises it, which is what we avoid).
     tx = make_optimizer(exp.dit.optim, exp.dit.steps)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Trainer(spec.make_model(nnx.Rngs(exp.seed)), tx)))
+    tcfg = exp.dit.trainable
+    wrt = nnx.Param if tcfg.mode is TrainableMode.FULL else trainable_filter(tcfg)
+    make = lambda: Trainer(spec.make_model(nnx.Rngs(exp.seed)), tx, wrt=wrt)
+    if tcfg.mode is not TrainableMode.FULL:
+        check_patterns(tcfg, nnx.eval_shape(lambda: spec.make_model(nnx.Rngs(exp.seed))), "dit.trainable")
+    graphdef = nnx.graphdef(nnx.eval_shape(make))
+    abstract, frozen_abstract = jax.eval_shape(lambda: split_frozen(make(), tcfg))
     shardings = state_shardings(abstract, mesh, rules)
-    state = abstract_with_shardings(abstract, shardings)
+    frozen_shardings = frozen = None
+    if frozen_abstract is not None:
+        frozen_shardings = state_shardings(frozen_abstract, mesh, rules)
+        frozen = abstract_with_shardings(frozen_abstract, frozen_shardings)
+    return AbstractTrainState(spec, mesh, rules, text_dim, graphdef, abstract_with_shardings(abstract, shardings),
+                              shardings, frozen, frozen_shardings, frozen_abstract)
+
+
+def dry_run(exp: ExperimentConfig, devices: list[jax.Device] | None = None) -> DryRunReport:
+    """Build the DiT stage abstractly on the configured mesh, lower and compile its train step, measure it."""
+    ts = abstract_train_state(exp, devices)
+    spec, mesh, rules, text_dim, state, shardings, frozen = (ts.spec, ts.mesh, ts.rules, ts.text_dim, ts.state,
+                                                               ts.shardings, ts.frozen)
+    devices = list(mesh.devices.flat)
+    tcfg = exp.dit.trainable
+    model_cfg, grid = layout.dit_model_config(exp, text_dim), layout.latent_grid(exp)  # what the stage builds
+    seq, b = exp.text_max_len, exp.dit.batch_size
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh))
     cond = Conditions(text=sds((b, seq, text_dim), jnp.float32), text_mask=sds((b, seq), jnp.bool_))
     batch = LatentBatch(latent=sds((b, *grid), jnp.float32), cond=cond)
     key = jax.eval_shape(lambda: jax.random.key(exp.seed))
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        train_step = make_train_step(graphdef, spec.loss_fn, ema_decay=exp.dit.optim.ema_decay)
+        train_step = make_train_step(ts.graphdef, spec.loss_fn, ema_decay=exp.dit.optim.ema_decay, trainable=tcfg)
         t0 = time.perf_counter()
-        lowered = compile_train_step(train_step, shardings, mesh).lower(state, batch, key)
+        lowered = compile_train_step(train_step, shardings, mesh, frozen_param_shardings=ts.frozen_shardings).lower(
+            state, batch, key, *([] if frozen is None else [frozen]))
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
 
-    total, per_device = state_bytes(state)
+    total, per_device = ts.bytes()
     t, h, w = (s // p for s, p in zip(grid[:3], model_cfg.patch_size))
     return DryRunReport(
         experiment=exp.name, variant=exp.dit.variant, model=model_cfg,
         mesh=dict(mesh.shape), platform=devices[0].platform,
         batch={jax.tree_util.keystr(path, simple=True, separator="."): (v.shape, str(v.dtype))
                for path, v in jax.tree_util.tree_leaves_with_path(batch)}, tokens_per_clip=t * h * w,
-        param_count=param_count(abstract), state_total=total, state_per_device=per_device, memory=_memory(compiled),
+        param_count=param_count(state), trainable=tcfg.mode.value,
+        frozen_param_count=0 if frozen is None else param_count(nnx.State({"model": ts.frozen_abstract})),
+        state_total=total, state_per_device=per_device, memory=_memory(compiled),
         lower_seconds=t1 - t0, compile_seconds=t2 - t1, compiled=compiled,
     )
 
@@ -184,7 +233,9 @@ def format_report(r: DryRunReport) -> str:
         f"devices)",
         "batch: " + ", ".join(f"{k} {tuple(s)} {d}" for k, (s, d) in r.batch.items())
         + f"; {r.tokens_per_clip} tokens per clip",
-        f"params: {r.param_count:,} ({fmt_bytes(r.state_total['model'])} in total)",
+        f"params: {r.param_count:,} ({fmt_bytes(r.state_total['model'])} in total)" if not r.frozen_param_count else
+        f"params ({r.trainable} fine-tune): {r.param_count:,} trained ({fmt_bytes(r.state_total['model'])}), "
+        f"{r.frozen_param_count:,} frozen ({fmt_bytes(r.state_total['frozen'])}, no optimizer state or EMA)",
         f"per-device state: {parts} = {fmt_bytes(sum(r.state_per_device.values()))} "
         f"(whole mesh: {fmt_bytes(sum(r.state_total.values()))})",
     ]

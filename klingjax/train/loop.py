@@ -10,6 +10,8 @@ finite (one jitted reduction, one scalar fetched). Resume falls back past unread
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -28,18 +30,21 @@ from klingjax.config import StageConfig
 from klingjax.layout import checkpoint_dir, stage_dir
 from klingjax.sharding.rules import get_rules
 from klingjax.train import guard as step_guard
+from klingjax.train import trainable
 from klingjax.train.batch import global_batch
 from klingjax.train.checkpoint import (
     Checkpointer,
     PreemptionGuard,
     abstract_with_shardings,
+    find_checkpoints,
     gather_iterator_states,
     local_iterator_state,
     restore_params,
+    restore_state,
 )
 from klingjax.train.metrics import MetricWriter
 from klingjax.train.optim import learning_rate_schedule, make_optimizer
-from klingjax.train.state import create_trainer, param_count
+from klingjax.train.state import create_trainer, merge_trainer, own_state, param_count
 from klingjax.train.step import LossFn, PlayerUpdate, batch_sharding, compile_train_step, make_train_step
 
 
@@ -87,7 +92,54 @@ def _create_trainer(spec: StageSpec, cfg: StageConfig, mesh: jax.sharding.Mesh, 
     player = spec.player
     return create_trainer(spec.make_model, make_optimizer(cfg.optim, cfg.steps), mesh, rules, seed,
                           make_disc=player.make if player else None, disc_tx=player.tx if player else None,
-                          guard_window=cfg.loss_spike_window)
+                          guard_window=cfg.loss_spike_window, trainable=cfg.trainable,
+                          where=f"{spec.name}.trainable")
+
+
+def _fine_tune_base(st, state: nnx.State, cfg: StageConfig, stage_name: str, out_dir: str,
+                    resumed: bool) -> tuple[nnx.State, nnx.State]:
+    """(state, frozen params) of a fine-tune (trainable not full): the frozen params read from the base.
+
+    A fresh start records the base in `base.json` (checkpoint, step, EMA or not, fingerprint, trained paths) and
+    also initialises the trained params that the base has (frozen-subset training, `trainable.params`) from it;
+    LoRA factors keep their init (B = 0: the model starts as its base). A resumed run reads the base named in
+    `base.json`, after checking its fingerprint.
+    """
+    trained = [trainable.path_name(p) for p, v in nnx.to_flat_state(st.abstract_state["model"])
+               if isinstance(v, nnx.Param)]
+    if resumed:
+        info = trainable.read_base(out_dir)
+        if info is None:
+            raise FileNotFoundError(f"{out_dir} has checkpoints of a {cfg.trainable.mode.value} fine-tune but no "
+                                    f"{trainable.BASE_FILE}: the base its frozen params come from is unknown")
+        if os.path.abspath(cfg.init_from) != info["checkpoint"]:
+            logging.warning("%s: resuming on the base recorded in %s (%s), not %s=%s", stage_name,
+                            trainable.BASE_FILE, info["checkpoint"], f"{stage_name}.init_from", cfg.init_from)
+    else:
+        _, (base,) = find_checkpoints(cfg.init_from)
+        info = {"checkpoint": os.path.abspath(cfg.init_from), "step": base.step, "use_ema": cfg.init_from_ema,
+                "sha256": trainable.fingerprint(base.state_dir), "mode": cfg.trainable.mode.value,
+                "frozen_dtype": cfg.trainable.frozen_dtype, "trained": trained}
+        if jax.process_index() == 0:
+            trainable.write_base(out_dir, info)
+    _, (base,) = find_checkpoints(info["checkpoint"], info["step"])
+    trainable.check_base(info, out_dir, base.state_dir)
+    read = functools.partial(restore_state, info["checkpoint"], step=info["step"], use_ema=info["use_ema"])
+    frozen = read(st.frozen_abstract, shardings=st.frozen_shardings)
+    if not resumed:  # trained params the base has start from it (model and EMA); LoRA factors keep their init
+        keep = lambda state: nnx.from_flat_state(
+            [(p, v) for p, v in nnx.to_flat_state(state) if not isinstance(v, nnx.LoRAParam)])
+        known = keep(st.abstract_state["model"])
+        if jax.tree.leaves(known):
+            params = read(known, shardings=keep(st.shardings["model"]))
+            trainer = merge_trainer(st.graphdef, state, frozen)
+            nnx.update(trainer.model, params)
+            nnx.update(trainer.ema, jax.tree.map(lambda x: x.copy(), params))  # the step donates both
+            state = own_state(trainer, cfg.trainable)
+    logging.info("%s: %s fine-tune of %s (step %d, %s): %d trained param arrays, frozen params in %s", stage_name,
+                 cfg.trainable.mode.value, info["checkpoint"], info["step"], "EMA" if info["use_ema"] else "model",
+                 len(trained), cfg.trainable.frozen_dtype)
+    return state, frozen
 
 
 def _init_from(st, state: nnx.State, cfg: StageConfig) -> nnx.State:
@@ -122,7 +174,8 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
 
     # --- State (abstract first, then initialised onto the mesh) ------------------------------------
     st = _create_trainer(spec, cfg, mesh, rules, seed)
-    logging.info("%s: %s params", spec.name, f"{param_count(st.state):,}")
+    logging.info("%s: %s trained params%s", spec.name, f"{param_count(st.state):,}",
+                 "" if st.frozen is None else f", {param_count(nnx.State({'model': st.frozen})):,} frozen")
     if spec.player:
         logging.info("%s: %s %s params, trains from step %d", spec.name, spec.player.name,
                      f"{param_count(st.state, 'disc'):,}", spec.player.start)
@@ -145,10 +198,17 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
             data_iter.set_state(own)
         start = latest
         logging.info("%s: resumed from step %d", spec.name, latest)
-    elif cfg.init_from:
+    elif cfg.init_from and st.frozen is None:
         state = _init_from(st, state, cfg)
         logging.info("%s: initialised params from %s (%s)", spec.name, cfg.init_from,
                      "EMA" if cfg.init_from_ema else "model")
+    frozen_params = None
+    if st.frozen is not None:
+        try:
+            state, frozen_params = _fine_tune_base(st, state, cfg, spec.name, out_dir, restored is not None)
+        except Exception:
+            ckpt.close()
+            raise
     if start >= cfg.steps:
         ckpt.close()
         return {"step": start, "resumed": True, "finished": True}
@@ -157,8 +217,12 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         train_step = make_train_step(st.graphdef, spec.loss_fn, ema_decay=cfg.optim.ema_decay,
                                      player_update=spec.player.update if spec.player else None, frozen=bool(extra),
-                                     guard=step_guard.GuardConfig(spike_factor=cfg.loss_spike_factor))
-        step_fn = compile_train_step(train_step, st.shardings, mesh, frozen=bool(extra))
+                                     guard=step_guard.GuardConfig(spike_factor=cfg.loss_spike_factor),
+                                     trainable=cfg.trainable)
+        step_fn = compile_train_step(train_step, st.shardings, mesh, frozen=bool(extra),
+                                     frozen_param_shardings=st.frozen_shardings)
+        if frozen_params is not None:
+            extra = (*extra, frozen_params)
         local = next(data_iter)
         batch = global_batch(spec.to_batch(local), batch_sharding(mesh))
         base_key = jax.random.key(seed)
@@ -221,7 +285,7 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
                 # The iterator state now points at the batch the next step will use.
                 ckpt.save(step, state, gather_iterator_states(data_iter.get_state()), force=True)
             if spec.on_sample and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps):
-                trainer = nnx.merge(st.graphdef, state)
+                trainer = merge_trainer(st.graphdef, state, frozen_params)
                 writer.write(step, spec.on_sample(trainer.ema, step, out_dir))
             if stop:
                 logging.info("%s: stopping at step %d (%s)", spec.name, step,

@@ -168,9 +168,11 @@ def dit_stage(exp: ExperimentConfig, workdir: str, null_text: tuple[np.ndarray, 
 
 
 def trained_vae(exp: ExperimentConfig, workdir: str, mesh: jax.sharding.Mesh, *, use_ema: bool = True) -> CausalVAE:
-    """The VAE stage's model (EMA by default) from `workdir`, params only (no optimizer state), sharded on `mesh`."""
+    """The VAE stage's model (EMA by default) from `workdir` (or `vae.from_workdir`), params only (no optimizer
+    state), sharded on `mesh`."""
     cfg = layout.vae_config(exp)
-    return restore_model(lambda rngs: CausalVAE(cfg, rngs=rngs), layout.checkpoint_dir(workdir, "vae"), mesh=mesh,
+    ckpt = layout.checkpoint_dir(layout.vae_workdir(exp, workdir), "vae")
+    return restore_model(lambda rngs: CausalVAE(cfg, rngs=rngs), ckpt, mesh=mesh,
                          rules=get_rules(exp.vae.sharding, "vae"), use_ema=use_ema)
 
 

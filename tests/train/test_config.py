@@ -99,3 +99,45 @@ def test_unknown_key_on_command_line_fails_fast_naming_it(tmp_path):
 def test_bad_variant_argument():
     with pytest.raises(ValueError, match="unknown arg"):
         demo.get_config("huge")
+
+
+@pytest.mark.parametrize(
+    "changes, pattern",
+    [
+        ({"dit.trainable.mode": "lora"}, r"'dit\.trainable\.mode': lora fine-tunes a trained model: set 'dit\.init"),
+        ({"dit.trainable.mode": "adapter"}, r"'dit\.trainable\.mode'.*not one of \['full', 'subset', 'lora'\]"),
+        ({"dit.trainable.mode": "subset", "dit.init_from": "/b"}, r"'dit\.trainable\.params': mode subset needs"),
+        ({"dit.trainable.params": ("attn",)}, r"'dit\.trainable\.params': only read with mode subset or lora"),
+        ({"vae.trainable.mode": "lora", "vae.init_from": "/b"}, r"'vae\.trainable\.mode': LoRA is available for the "
+                                                                r"DiT stage only"),
+        ({"dit.trainable.mode": "lora", "dit.init_from": "/b", "dit.trainable.lora_rank": 0},
+         r"'dit\.trainable\.lora_rank': must be >= 1"),
+        ({"dit.trainable.mode": "lora", "dit.init_from": "/b", "dit.trainable.lora_targets": ("attn1/(",)},
+         r"'dit\.trainable\.lora_targets': 'attn1/\(' is not a regular expression"),
+        ({"dit.trainable.mode": "lora", "dit.init_from": "/b", "dit.trainable.frozen_dtype": "int8"},
+         r"'dit\.trainable\.frozen_dtype': 'int8' is not one of"),
+        ({"dit.model_overrides": {"lora": {"rank": 4}}}, r"'dit\.model_overrides\.lora': set by the stage"),
+        ({"data.extra_colours": {"pink": (300, 0, 0)}}, r"'data\.extra_colours\.pink': expected \(r, g, b\)"),
+        ({"vae.from_workdir": "/base"}, r"'vae\.from_workdir'.*'stages' must not list 'vae'"),
+    ],
+)
+def test_fine_tune_keys_name_the_key(changes, pattern):
+    c = demo.get_config("runlocal").to_dict()
+    for path, value in changes.items():
+        node = c
+        *parents, leaf = path.split(".")
+        for k in parents:
+            node = node[k]
+        node[leaf] = value
+    with pytest.raises(ConfigError, match=pattern):
+        to_experiment(c)
+
+
+def test_lora_recipe_validates():
+    from experiments import lora_recipe
+
+    exp = to_experiment(lora_recipe.get_config("/base,runlocal"))
+    assert exp.dit.trainable.mode.value == "lora" and exp.dit.init_from == "/base/dit"
+    assert exp.vae.from_workdir == "/base" and "vae" not in exp.stages
+    with pytest.raises(ValueError, match="needs the base work dir"):
+        lora_recipe.get_config("")

@@ -117,3 +117,24 @@ def test_dry_run_14b_480p_clip_on_8_devices():
     assert total == pytest.approx(4 * 4 * report.param_count, rel=1e-3)  # f32 params + AdamW mu, nu + EMA
     assert per_device == pytest.approx(total / 8, rel=0.01)
     assert report.memory["argument"] >= per_device and report.memory["temp"] > 0
+
+
+def test_lora_dry_run_keeps_frozen_params_out_of_optimizer_and_ema():
+    """A LoRA fine-tune: the trained state is the factors (model, optimizer, EMA), the frozen params one bf16 copy,
+    sharded on the fsdp mesh; the step compiles with them as a separate argument."""
+    c = t2v_recipe.get_config("stage2,runlocal")
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    full = dry_run.dry_run(to_experiment(c))
+    c.dit.init_from = "/never/read/dit"
+    c.dit.trainable.mode, c.dit.trainable.lora_rank, c.dit.trainable.frozen_dtype = "lora", 4, "bfloat16"
+    lora = dry_run.dry_run(to_experiment(c))
+    assert lora.trainable == "lora" and lora.frozen_param_count == full.param_count
+    dim, layers = full.model.dim, full.model.num_layers
+    # rank 4 on attn1/attn2 (4 dim x dim layers each) and the MLP (dim x ffn, ffn x dim), stacked over the blocks
+    assert lora.param_count == layers * 4 * (8 * (dim + dim) + 2 * (dim + full.model.ffn_dim))
+    assert lora.state_total["frozen"] == 2 * full.param_count  # bfloat16
+    assert lora.state_total["optimizer"] < full.state_total["optimizer"] / 5
+    assert "frozen" in dry_run.format_report(lora) and lora.memory
+    with pytest.raises(ConfigError, match=r"'dit\.trainable\.params': pattern 'nothing/'"):
+        c.dit.trainable.params = ("nothing/",)
+        dry_run.dry_run(to_experiment(c))

@@ -152,3 +152,72 @@ def test_eval_cli_generates_from_a_trained_workdir(reference, tmp_path):
     assert os.path.exists(os.path.join(out, "report.md"))
     with pytest.raises(SystemExit, match="exactly one"):
         cli.main(["--out", out])
+
+
+def _safetensors(folder):
+    from safetensors.numpy import load_file
+
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, name)))
+    return out
+
+
+def test_lora_fine_tune_exports_and_merges(reference, tmp_path):
+    """A LoRA fine-tune of the reference (its VAE, its frozen DiT, a new colour) exports the base's transformer + a
+    PEFT LoRA file, and `klingjax-merge-lora` gives a plain work dir computing what base + factors compute."""
+    import jax
+    import jax.numpy as jnp
+
+    from klingjax import layout
+    from klingjax.export.export import export_checkpoint
+    from klingjax.export.merge_lora import merge_workdir
+    from klingjax.models.conditions import Conditions
+    from klingjax.sharding.mesh import make_mesh
+    from klingjax.train.stages import trained_dit
+
+    ref_dir, _ = reference
+    c = _config(("data", "cache", "dit"))
+    c.vae.from_workdir = ref_dir
+    c.data.extra_colours = {"pink": (250, 190, 210)}
+    c.dit.init_from = os.path.join(ref_dir, "dit")
+    c.dit.trainable.mode, c.dit.trainable.lora_rank, c.dit.trainable.lora_alpha = "lora", 2, 4.0
+    c.dit.steps, c.dit.checkpoint_every, c.dit.optim.warmup_steps = 3, 3, 1
+    exp = to_experiment(c)
+    ft = str(tmp_path / "ft")
+    run_experiment(exp, ft)
+
+    out, base_out = str(tmp_path / "export"), str(tmp_path / "base_export")
+    summary = export_checkpoint(ft, out, ema=True)
+    export_checkpoint(os.path.join(ref_dir, "dit"), base_out, ema=True)
+    assert summary["components"]["transformer"]["base"]["step"] == 12
+    got, want = _safetensors(os.path.join(out, "transformer")), _safetensors(os.path.join(base_out, "transformer"))
+    assert got.keys() == want.keys()
+    for k in want:  # the transformer is the base's: the fine-tune trained only its factors
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    lora = _safetensors(os.path.join(out, "lora"))
+    layers = layout.dit_model_config(exp, 384).num_layers
+    assert len(lora) == 2 * layers * 10 and all(k.startswith("transformer.blocks.") for k in lora)
+
+    merged = str(tmp_path / "merged")
+    merge_workdir(ft, merged)
+    mesh = make_mesh((1, 1, 1, 1), devices=jax.devices()[:1])
+    models = {name: trained_dit(layout.load_workdir_config(w), w, mesh, text_dim=384)
+              for name, w in (("lora", ft), ("merged", merged), ("base", ref_dir))}
+    assert models["merged"].cfg.lora is None
+    t, h, w, ch = layout.latent_grid(exp)
+    x = jax.random.normal(jax.random.key(0), (2, t, h, w, ch))
+    cond = Conditions(text=jax.random.normal(jax.random.key(1), (2, 5, 384)), text_mask=jnp.ones((2, 5), bool))
+    y = {name: np.asarray(m(x, jnp.array([200.0, 800.0]), cond)) for name, m in models.items()}
+    assert np.abs(y["lora"] - y["base"]).max() > 1e-4  # the factors trained
+    np.testing.assert_allclose(y["merged"], y["lora"], atol=1e-5, rtol=0)
+    merged_export = str(tmp_path / "merged_export")
+    export_checkpoint(ft, merged_export, ema=True, merge_lora=True)
+    plain_export = str(tmp_path / "plain_export")
+    export_checkpoint(os.path.join(merged, "dit"), plain_export, ema=True)
+    a, b = _safetensors(os.path.join(merged_export, "transformer")), _safetensors(os.path.join(plain_export,
+                                                                                              "transformer"))
+    for k in b:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, rtol=0, err_msg=k)
+    assert not os.path.exists(os.path.join(merged_export, "lora"))

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from klingjax.models.layers.lora import Dense
 from klingjax.models.layers.norms import RMSNorm, logical
 from klingjax.models.layers.rope import apply_rope
 from klingjax.sharding.context_parallel import ContextParallel, context_parallel_attention, context_parallel_enabled
@@ -45,9 +46,10 @@ def dense(
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
     kernel_init: nnx.Initializer = LINEAR_INIT,
-) -> nnx.Linear:
-    """A biased linear layer whose kernel (in, out) carries logical `axes` and whose bias carries axes[1]."""
-    return nnx.Linear(
+) -> Dense:
+    """A biased linear layer whose kernel (in, out) carries logical `axes` and whose bias carries axes[1]
+    (a `Dense`: an `nnx.Linear` that can take LoRA factors)."""
+    return Dense(
         in_features,
         out_features,
         dtype=dtype,
