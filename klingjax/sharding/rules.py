@@ -5,7 +5,7 @@ Activations are constrained at block boundaries with `shard(x, ("act_batch", "ac
 Which mesh axis a logical name lands on is data: a preset below, selected by config.
 
 Logical names
-  params:      embed, mlp, heads, kv, text_embed, vocab, norm, layers,
+  params:      embed, mlp, heads, kv, text_embed, vocab, norm, layers, lora_rank (LoRA factors' rank axis),
                conv_t, conv_h, conv_w, conv_in, conv_out
   activations: act_batch, act_length, act_embed, act_heads, act_kv, act_mlp, act_text_length,
                act_frames, act_height, act_width, act_channels
@@ -49,6 +49,7 @@ _REPLICATED_PARAMS = (
     ("vocab", None),
     ("norm", None),
     ("layers", None),
+    ("lora_rank", None),
     ("conv_t", None),
     ("conv_h", None),
     ("conv_w", None),
@@ -66,7 +67,9 @@ def _override(base: Rules, **updates) -> Rules:
 
 
 _DP = _ACT + _REPLICATED_PARAMS
-_FSDP = _override(_DP, embed="fsdp", text_embed="fsdp", conv_out="fsdp")
+# lora_rank: a LoRA factor whose other axis is not on fsdp (lora_b of (embed, heads) kernels, lora_a of to_out / the
+# MLP's second layer) shards its rank; where the other axis already took fsdp, the rank stays whole.
+_FSDP = _override(_DP, embed="fsdp", text_embed="fsdp", conv_out="fsdp", lora_rank="fsdp")
 _FSDP_TP = _override(_FSDP, mlp="tensor", heads="tensor")
 # Same params as fsdp_tp; tokens over "context" make the DiT's self-attention context parallel
 # (klingjax.sharding.context_parallel: all-to-all or ring), heads over "tensor".

@@ -58,8 +58,8 @@ def test_factors_carry_the_kernels_axes_and_stack_over_blocks():
     q = model.blocks.attn1.to_q
     assert q.lora_a.shape == (2, 32, 4) and q.lora_b.shape == (2, 4, 32)
     assert q.kernel.get_metadata()["out_sharding"] == ("layers", "embed", "heads")
-    assert q.lora_a.get_metadata()["out_sharding"] == ("layers", "embed", None)
-    assert q.lora_b.get_metadata()["out_sharding"] == ("layers", None, "heads")
+    assert q.lora_a.get_metadata()["out_sharding"] == ("layers", "embed", "lora_rank")
+    assert q.lora_b.get_metadata()["out_sharding"] == ("layers", "lora_rank", "heads")
     assert model.condition_embedder.time_proj.lora_a is None  # not a default target
 
 

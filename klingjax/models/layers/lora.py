@@ -8,8 +8,9 @@ computes
 
 with `lora_a` (in, r) drawn like PEFT's (uniform, bound 1/sqrt(in)) and `lora_b` (r, out) zero, so a model with fresh
 factors computes exactly what its base computes. Stacked layers (the DiT's blocks, a leading "layers" axis) get
-stacked factors; the factors carry the kernel's logical axis names (`lora_a`: (..., in, None), `lora_b`:
-(..., None, out)), so the sharding rules place them like the kernel they adapt. `LoRAParam` subclasses `nnx.Param`:
+stacked factors; the factors carry the kernel's logical axis names (`lora_a`: (..., in, lora_rank), `lora_b`:
+(..., lora_rank, out)), so the sharding rules place them like the kernel they adapt (and FSDP presets shard the rank
+axis of a factor whose other axis is not sharded). `LoRAParam` subclasses `nnx.Param`:
 optimisers and EMA see the factors as params, and `nnx.LoRAParam` selects them alone.
 
 Patterns are regular expressions searched (`re.search`) in the layer's path with "/" separators, e.g.
@@ -28,6 +29,7 @@ from flax import nnx
 
 # Wan LoRA trainers (diffusers, musubi-tuner, ai-toolkit) adapt the attention projections and the MLP of every block.
 DEFAULT_TARGETS: tuple[str, ...] = ("blocks/attn1/", "blocks/attn2/", "blocks/ffn/")
+RANK_AXIS = "lora_rank"  # logical name of the factors' rank axis (fsdp presets shard it where the other axis is not)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +121,8 @@ def add_lora(model: nnx.Module, cfg: LoRAConfig, rngs: nnx.Rngs) -> list[str]:
                                                    batch_axis=batch)
         a = init_a(rngs.params(), (*lead, fan_in, cfg.rank), layer.param_dtype)
         b = jnp.zeros((*lead, cfg.rank, fan_out), layer.param_dtype)
-        layer.lora_a = nnx.LoRAParam(a, out_sharding=(*names[:-1], None), eager_sharding=False)
-        layer.lora_b = nnx.LoRAParam(b, out_sharding=(*names[:-2], None, names[-1]), eager_sharding=False)
+        layer.lora_a = nnx.LoRAParam(a, out_sharding=(*names[:-1], RANK_AXIS), eager_sharding=False)
+        layer.lora_b = nnx.LoRAParam(b, out_sharding=(*names[:-2], RANK_AXIS, names[-1]), eager_sharding=False)
         layer.lora_scale = cfg.scale
     return chosen
 
