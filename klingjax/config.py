@@ -17,6 +17,7 @@ from typing import Any
 
 import ml_collections
 
+from klingjax.data.synthetic.camera import MOVES as CAMERA_MOVES
 from klingjax.data.tasks import TASKS
 from klingjax.diffusion.losses import LossWeighting
 from klingjax.diffusion.samplers import Sampler
@@ -64,6 +65,12 @@ class DataConfig:
     speed_range: tuple[float, ...] = (0.6, 1.0)  # (min, max) sprite speed in px / frame (clamped to stay in frame)
     worker_count: int = 0
     path: str = ""  # empty: <workdir>/data
+    # Camera moves (klingjax/data/synthetic/camera.py): P(a clip has one), P(a second move of another kind), the moves
+    # drawn from (() = all), and whether captions name them ("the camera zooms in": text-only camera control).
+    p_camera_move: float = 0.0
+    p_two_moves: float = 0.0
+    camera_moves: tuple[str, ...] = ()
+    camera_words: bool = True
     # Colours added to the synthetic palette, name -> (r, g, b) 0-255: a concept a base model never saw (fine-tuning).
     extra_colours: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -274,6 +281,11 @@ def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Expe
     d = exp.data
     if d.num_frames < 1 or (d.num_frames - 1) % 4:
         raise ConfigError(f"config key 'data.num_frames': {d.num_frames} is not 1 + 4k")
+    for key in ("p_camera_move", "p_two_moves"):
+        if not 0.0 <= getattr(d, key) <= 1.0:
+            raise ConfigError(f"config key 'data.{key}': a probability in [0, 1], got {getattr(d, key)}")
+    if unknown := sorted(set(d.camera_moves) - set(CAMERA_MOVES)):
+        raise ConfigError(f"config key 'data.camera_moves': unknown moves {unknown}; choose from {list(CAMERA_MOVES)}")
     for name, rgb in d.extra_colours.items():
         if not (isinstance(rgb, list | tuple) and len(rgb) == 3 and all(isinstance(c, int) and 0 <= c <= 255
                                                                         for c in rgb)):

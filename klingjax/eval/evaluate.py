@@ -13,11 +13,14 @@ import jax
 import numpy as np
 from absl import logging
 
+from klingjax import layout
 from klingjax.config import ExperimentConfig
+from klingjax.data.synthetic.camera import camera_condition, latent_frame_rows
 from klingjax.eval import media, scoring, task_eval
 from klingjax.eval.generate import VideoGenerator
 from klingjax.eval.heldout import load_eval_clips, load_heldout_clips, synthetic_spec  # noqa: F401 (re-exported)
 from klingjax.eval.report import scorer_sections, write_report, write_text_atomic
+from klingjax.models.conditions import CameraCondition
 
 GENERATED_DIR = ("eval", "generated")  # under out_dir: the generated clips, in `klingjax-eval --generated` format
 TASKS_DIR = ("eval", "tasks")  # under out_dir: the per-task card of a masked-video model (`task_eval`)
@@ -36,7 +39,11 @@ def evaluate(exp: ExperimentConfig, generator: VideoGenerator, *, data_dir: str,
     spec = synthetic_spec(data_dir)
     real, captions, metas = load_eval_clips(exp, data_dir, exp.eval.num_clips)
     logging.info("eval: generating %d clips", len(captions))
-    fake = generator(captions, jax.random.key(exp.seed + 1), batch_size=exp.eval.batch_size)
+    camera = None
+    if getattr(generator, "dit", None) is not None and generator.dit.cfg.conditions.camera is not CameraCondition.OFF:
+        rows = latent_frame_rows(exp.data.num_frames, layout.vae_config(exp).temporal_factor)
+        camera = np.stack([camera_condition(m, tuple(rows)) for m in metas])  # each clip's own camera path
+    fake = generator(captions, jax.random.key(exp.seed + 1), batch_size=exp.eval.batch_size, camera=camera)
     folder = os.path.join(out_dir, *GENERATED_DIR)
     if jax.process_index() == 0:  # every process generated and scores the same clips; host 0 alone writes
         scoring.write_generated(folder, fake, captions)
@@ -47,7 +54,7 @@ def evaluate(exp: ExperimentConfig, generator: VideoGenerator, *, data_dir: str,
     recon = None
     if getattr(generator, "vae", None) is not None:
         recon = generator.decode(generator.encode(real, batch_size=bs), batch_size=bs)
-    names = ["adherence"] + (["fvd"] if exp.eval.fvd else [])
+    names = ["adherence"] + (["fvd"] if exp.eval.fvd else []) + (["camera"] if spec.p_camera_move > 0 else [])
     scores = scoring.compute_metrics(fake, real, names, metas=metas, spec=spec, fps=float(spec.fps), recon=recon,
                                      concept=exp.eval.concept)
     metrics = {**scores.values, **(extra_metrics or {})}

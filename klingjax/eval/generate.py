@@ -20,7 +20,7 @@ from klingjax.config import ExperimentConfig, SampleConfig
 from klingjax.data.tasks import key_frame
 from klingjax.diffusion import masked, samplers
 from klingjax.diffusion.guidance import chained_guidance, guided_velocity
-from klingjax.models.conditions import Conditions, MaskedVideo
+from klingjax.models.conditions import CameraCondition, Conditions, MaskedVideo
 from klingjax.models.text_encoders import load_text_encoder
 from klingjax.train.stages import trained_dit, trained_vae
 
@@ -58,13 +58,14 @@ class VideoGenerator:
     def __call__(self, captions: Sequence[str], key: jax.Array, *, batch_size: int = 16,
                  negative_prompt: str | None = None, dit: nnx.Module | None = None, given: np.ndarray | None = None,
                  given_mask: np.ndarray | None = None, text_scale: float | None = None,
-                 visual_scale: float | None = None) -> np.ndarray:
+                 visual_scale: float | None = None, camera: np.ndarray | None = None) -> np.ndarray:
         """Generate one clip per caption (batched); the same key and inputs give the same clips.
 
         given: (N, t, h, w, C) normalised latents (`encode` / `encode_frames`), given_mask: (N, t, h, w) bool, True =
         given (kept exact); both None: text-to-video. text_scale / visual_scale default to the sample config's
         `cfg_scale` / `visual_cfg_scale`. `dit` swaps in other params of the same architecture (e.g. the EMA model
-        during training) without recompiling: params are arguments of the compiled sampler.
+        during training) without recompiling: params are arguments of the compiled sampler. camera: (N, t, 4) camera
+        path per latent frame (`Conditions.camera`), for a DiT with a camera adapter (None: a static camera).
         """
         neg = self.sample.negative_prompt if negative_prompt is None else negative_prompt
         scales = (float(self.sample.cfg_scale if text_scale is None else text_scale),
@@ -79,6 +80,13 @@ class VideoGenerator:
             if tuple(given.shape) != want or tuple(given_mask.shape) != want[:4]:
                 raise ValueError(f"given latents must be {want} and given_mask {want[:4]}; got "
                                  f"{tuple(given.shape)} and {tuple(given_mask.shape)}")
+        if camera is not None:
+            if self.dit.cfg.conditions.camera is CameraCondition.OFF:
+                raise ValueError("this DiT has no camera adapter (conditions.camera=off): it takes camera moves as "
+                                 "caption words only")
+            want = (len(captions), self.latent_shape[0], 4)
+            if tuple(np.shape(camera)) != want:
+                raise ValueError(f"camera must be {want} (one path row per latent frame), got {np.shape(camera)}")
         dit_state = nnx.state(self.dit if dit is None else dit)
         out = []
         for start in range(0, len(captions), batch_size):
@@ -87,6 +95,9 @@ class VideoGenerator:
             chunk += [chunk[-1]] * (batch_size - n)  # fixed batch shape: one compilation
             cond = Conditions(*self.text_encoder.encode(chunk, self.text_max_len))
             uncond = Conditions(*self.text_encoder.encode([neg] * batch_size, self.text_max_len))  # negative prompt
+            if camera is not None:  # the camera is no guided condition: both branches see it
+                path = jnp.asarray(_pad(np.asarray(camera[start:start + batch_size], np.float32), batch_size))
+                cond, uncond = cond.replace(camera=path), uncond.replace(camera=path)
             noise = jax.random.normal(jax.random.fold_in(key, start), (batch_size, *self.latent_shape))
             visual = None
             if given is not None:

@@ -6,6 +6,8 @@
     klingjax-generate --checkpoint workdirs/kling --prompt "..." --video clip.mp4 --extend 2 [--prepend 2] --out x.mp4
     klingjax-generate --checkpoint workdirs/kling --prompt "..." --video clip.mp4 --mask mask.png --out inpaint.mp4
     klingjax-generate --checkpoint workdirs/kling --prompt "..." --image a.png --outpaint 8,0,8,0 --out wide.mp4
+    klingjax-generate --checkpoint workdirs/camera --prompt "..." --camera pan_left:0.5,zoom_in:0.02 --out cam.mp4
+    klingjax-generate --checkpoint workdirs/camera --prompt "..." --camera_path path.json --out cam.mp4
 
 Every input is read and checked against the model grid (klingjax/eval/conditioning.py) before anything is compiled,
 so a bad flag fails fast with its name in the message; the clip is written to a temporary name and renamed, so a
@@ -27,9 +29,10 @@ from PIL import Image
 
 from klingjax import layout
 from klingjax.data.sampling import resize_crop
+from klingjax.data.synthetic import camera as camera_lib
 from klingjax.eval import conditioning as cond
 from klingjax.eval import media
-from klingjax.models.conditions import MaskedVideo
+from klingjax.models.conditions import CameraCondition, MaskedVideo
 
 WRITERS = {".mp4": media.write_mp4, ".gif": media.write_gif}
 DEFAULT_FPS = 8.0  # the synthetic data's rate, when the work dir's dataset has no manifest
@@ -53,6 +56,7 @@ class Request:
     given: np.ndarray | None = None  # (t, h, w) bool
     context: int = 1  # latent frames given per extension chunk
     chunks: tuple[int, ...] = ()
+    camera: np.ndarray | None = None  # (t, 4) camera path per latent frame (--camera / --camera_path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,11 +159,38 @@ def plan(args: argparse.Namespace, exp) -> Request:
     if visual and dit.conditions.masked_video is MaskedVideo.OFF:
         raise ValueError(f"{', '.join(visual)}: the DiT of {args.checkpoint} has no masked-video conditioning "
                          "(conditions.masked_video=off); it generates from text only")
+    camera = _camera(args, dit, geom)
     if args.video is not None:
-        return _video_request(args, geom, fps)
-    if not visual:
-        return Request("text", geom, fps)
-    return _frames_request(args, geom, fps)
+        req = _video_request(args, geom, fps)
+    elif not visual:
+        req = Request("text", geom, fps)
+    else:
+        req = _frames_request(args, geom, fps)
+    if camera is not None and req.mode in ("extend", "prepend"):
+        raise ValueError("--camera / --camera_path: camera paths of --extend / --prepend chunks are not supported yet")
+    return dataclasses.replace(req, camera=camera)
+
+
+def _camera(args: argparse.Namespace, dit, geom: cond.Geometry) -> np.ndarray | None:
+    """The camera path per latent frame (t, 4) of --camera / --camera_path (camera.py's convention), or None."""
+    if args.camera is None and args.camera_path is None:
+        return None
+    if args.camera is not None and args.camera_path is not None:
+        raise ValueError("give --camera or --camera_path, not both")
+    flag = "--camera" if args.camera is not None else "--camera_path"
+    if dit.conditions.camera is CameraCondition.OFF:
+        raise ValueError(f"{flag}: the DiT of {args.checkpoint} has no camera adapter (conditions.camera=off); name "
+                         "the move in the prompt instead (e.g. '..., the camera pans left')")
+    try:
+        if args.camera is not None:
+            path = camera_lib.camera_path(camera_lib.parse_moves(args.camera), geom.num_frames)
+        else:
+            with open(args.camera_path) as f:
+                rows = json.load(f)
+            path = camera_lib.check_path(rows.get("path") if isinstance(rows, dict) else rows, geom.num_frames)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{flag}: {e}") from None
+    return path[camera_lib.latent_frame_rows(geom.num_frames, geom.temporal_factor)].astype(np.float32)
 
 
 def _frames_request(args: argparse.Namespace, geom: cond.Geometry, fps: float) -> Request:
@@ -284,7 +315,7 @@ def generate(gen, req: Request, args: argparse.Namespace) -> np.ndarray:
     def sample(given, mask, chunk):
         return gen([args.prompt], jax.random.fold_in(key, chunk), batch_size=1, negative_prompt=args.negative_prompt,
                    given=given, given_mask=None if mask is None else mask[None], text_scale=args.cfg,
-                   visual_scale=args.visual_cfg)[0]
+                   visual_scale=args.visual_cfg, camera=None if req.camera is None else req.camera[None])[0]
 
     return RUNNERS[req.mode](gen, req, sample)
 
@@ -329,6 +360,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context_frames", type=int, help="latent frames given per extension chunk (default 1)")
     p.add_argument("--mask", help="mask.png (every frame) or mask.mp4 (per frame); white = regenerate")
     p.add_argument("--outpaint", metavar="L,T,R,B", help="pixel borders to generate around --video / --image")
+    p.add_argument("--camera", metavar="MOVE:VALUE,...", help="camera moves for a DiT with a camera adapter: "
+                   "pan_left|pan_right|pan_up|pan_down:px_per_frame, zoom_in|zoom_out:scale_change_per_frame (0.02 = "
+                   "2%%), roll_cw|roll_ccw:rad_per_frame; combine with commas (klingjax/data/synthetic/camera.py)")
+    p.add_argument("--camera_path", help="JSON list of per-frame [oy, ox, log_scale, roll] rows (one per output "
+                   "frame, row 0 zero), or {\"path\": [...]}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="sampling steps (default: the config's)")
     p.add_argument("--cfg", type=float, help="text guidance scale (default: the config's)")

@@ -23,7 +23,7 @@ from klingjax.measures import PSNR_CAP, psnr_protocol
 
 VIDEO_EXTS = (".mp4", ".gif", ".webm", ".avi", ".mov", ".mkv")
 ARRAY_EXTS = (".npy", ".npz")
-ALL_METRICS = ("fvd", "fid", "kid", "psnr", "ssim", "lpips", "vbstyle", "adherence")
+ALL_METRICS = ("fvd", "fid", "kid", "psnr", "ssim", "lpips", "vbstyle", "adherence", "camera")
 ADHERENCE_KEYS = ("colour_acc", "shape_acc", "direction_acc", "all_acc", "count_acc", "camera_acc")
 GENERATED_VIDEOS, GENERATED_PROMPTS = "videos.npy", "prompts.txt"
 
@@ -231,9 +231,27 @@ def compute_metrics(gen: np.ndarray, ref: np.ndarray | None, metrics: Sequence[s
                         f"synthetic ground truth, the {len(rows)} of {n} held-out clips "
                         f"{'showing' if want else 'not showing'} {concept!r}, {how}")
 
+    def do_camera():
+        from klingjax.eval import camera_metrics
+
+        if spec is None or metas is None or not any("camera_rate" in m for m in metas):
+            raise Skip("needs a synthetic dataset with camera moves (data.p_camera_move > 0)")
+        n = len(gen)
+        sets = [("", gen, "estimated from the generated pixels")]
+        if ref is not None and len(ref) >= n:
+            sets.append(("_on_real", ref[:n], "estimator on the ground-truth clips: its own error"))
+        if recon is not None and len(recon) >= n:
+            sets.append(("_on_vae", recon[:n], "estimator on the VAE's reconstructions: any DiT's floor"))
+        for tag, videos, how in sets:
+            scores = _timed(timings, f"camera{tag}", n, lambda v=videos: camera_metrics.score(v, metas[:n], spec))
+            for key, value in scores.items():
+                values[f"{key}{tag}"] = float(value)
+                protocols[f"{key}{tag}"] = f"synthetic camera ground truth, {n} held-out clips, {how}"
+
     table: dict[str, Callable[[], None]] = {
         "fvd": do_fvd, "psnr": lambda: do_paired("psnr"), "ssim": lambda: do_paired("ssim"),
-        "lpips": lambda: do_paired("lpips"), "vbstyle": do_vbstyle, "adherence": do_adherence}
+        "lpips": lambda: do_paired("lpips"), "vbstyle": do_vbstyle, "adherence": do_adherence,
+        "camera": do_camera}
     todo = [(name, table[name]) for name in metrics if name in table]
     if recon is not None and ref is not None:  # the VAE's share of the error, next to the DiT's
         from klingjax.eval import image_metrics

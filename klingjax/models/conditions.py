@@ -34,6 +34,9 @@ class Conditions:
     given: (B, t, h, w, C) clean latents of the given positions (values elsewhere are ignored); None = none.
     given_mask: (B, t, h, w) bool or float, True / >= 0.5 = this latent position is given (kept clean, not
         generated); None = every position is generated (T2V). Needs `ConditionSpec.masked_video` on.
+    camera: (B, t, 4) float camera path of each latent frame, (oy, ox, log_scale, roll) relative to frame 0
+        (klingjax/data/synthetic/camera.py; a latent frame reads its last pixel frame's row). Needs
+        `ConditionSpec.camera` on.
     """
 
     text: jax.Array
@@ -41,6 +44,7 @@ class Conditions:
     positions: jax.Array | None = None
     given: jax.Array | None = None
     given_mask: jax.Array | None = None
+    camera: jax.Array | None = None
 
     def concat(self, other: Conditions) -> Conditions:
         """[self; other] along the batch (CFG batching); each field must be present in both or in neither."""
@@ -56,7 +60,7 @@ class Conditions:
 # Conditions field -> the ConditionSpec switch that must be on for a batch to carry it (None: every DiT reads it).
 # Each new Conditions field is registered here with its switch (e.g. "camera_frames": "camera").
 _FIELD_SWITCHES: dict[str, str | None] = {"text": None, "text_mask": None, "positions": None,
-                                          "given": "masked_video", "given_mask": "masked_video"}
+                                          "given": "masked_video", "given_mask": "masked_video", "camera": "camera"}
 
 
 class MaskedVideo(enum.Enum):
@@ -73,6 +77,16 @@ class MaskedVideo(enum.Enum):
     # Wan 2.1 I2V / Open-Sora 2.0: the patch embedding also reads [given * mask, mask] (C + 1 channels) through a
     # zero-initialised kernel `patch_embedding.cond_kernel`, so at init the model is the T2V model it starts from.
     CHANNEL_CONCAT = "channel_concat"
+
+
+class CameraCondition(enum.Enum):
+    """Where a DiT reads `Conditions.camera`: a shared camera embedder (per latent frame: 4 -> D -> D) feeds, at the
+    input of each chosen block, a zero-initialised per-block projection added to that frame's tokens (so at init the
+    model is the text-to-video model it starts from). Text-only camera control (caption words) needs none of it."""
+
+    OFF = "off"
+    ALL_BLOCKS = "all_blocks"  # every block (CameraCtrl / MotionCtrl style)
+    FIRST_BLOCKS = "first_blocks"  # only the first `camera_blocks` blocks (AC3D: camera is decided early)
 
 
 def _switch_on(value: Any) -> bool:
@@ -98,21 +112,30 @@ class ConditionSpec:
     """
 
     masked_video: MaskedVideo = MaskedVideo.OFF
+    camera: CameraCondition = CameraCondition.OFF
+    camera_blocks: int = 2  # FIRST_BLOCKS: how many blocks read the camera
 
     def __post_init__(self):
         if not isinstance(self.masked_video, MaskedVideo):
             raise TypeError(f"ConditionSpec.masked_video must be a MaskedVideo, got {self.masked_video!r}")
+        if not isinstance(self.camera, CameraCondition):
+            raise TypeError(f"ConditionSpec.camera must be a CameraCondition, got {self.camera!r}")
+        if self.camera_blocks < 1:
+            raise ValueError(f"ConditionSpec.camera_blocks must be >= 1, got {self.camera_blocks}")
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any]) -> ConditionSpec:
         """A spec from config values (enum switches also take their string values, e.g. "channel_concat")."""
         values = dict(values)
-        if isinstance(values.get("masked_video"), str):
-            try:
-                values["masked_video"] = MaskedVideo(values["masked_video"])
-            except ValueError:
-                raise ValueError(f"conditions.masked_video: {values['masked_video']!r} is not one of "
-                                 f"{[m.value for m in MaskedVideo]}") from None
+        for key, kind in (("masked_video", MaskedVideo), ("camera", CameraCondition)):
+            if isinstance(values.get(key), str):
+                try:
+                    values[key] = kind(values[key])
+                except ValueError:
+                    raise ValueError(f"conditions.{key}: {values[key]!r} is not one of "
+                                     f"{[m.value for m in kind]}") from None
+        if unknown := sorted(set(values) - {f.name for f in dataclasses.fields(cls)}):
+            raise ValueError(f"conditions: unknown key(s) {unknown}")
         return cls(**values)
 
     def patch_channels(self, in_channels: int) -> int:
@@ -147,6 +170,10 @@ class ConditionSpec:
             if cond.positions.shape != want:
                 raise ValueError(f"Conditions.positions must be (B, N, 3) = {want}, got {cond.positions.shape}")
         self._validate_given(cond, b, latent_shape)
+        if cond.camera is not None:
+            t = latent_shape[1] if latent_shape is not None else cond.camera.shape[1]
+            if tuple(cond.camera.shape) != (b, t, 4):
+                raise ValueError(f"Conditions.camera must be (B, t, 4) = {(b, t, 4)}, got {tuple(cond.camera.shape)}")
 
     def _validate_given(self, cond: Conditions, b: int, latent_shape: tuple[int, ...] | None) -> None:
         """The masked-video fields: the mask (B, t, h, w) and given (B, t, h, w, C) match the latents."""

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from klingjax.models.conditions import Conditions, ConditionSpec, MaskedVideo
+from klingjax.models.conditions import CameraCondition, Conditions, ConditionSpec, MaskedVideo
 from klingjax.models.dit_inputs import (
     FACTORIZED_POSITIONS_ERROR,
     BlockInputs,
@@ -59,6 +59,9 @@ from klingjax.sharding.context_parallel import ContextParallel, context_parallel
 from klingjax.sharding.rules import current_rules, shard
 
 ACT_BND = ("act_batch", "act_length", "act_embed")
+# Zero-initialised condition adapters (module names): a model with them can start from a checkpoint without them
+# (`init_from` keeps their init), since at init they leave the base model's output unchanged.
+ADAPTER_PARAMS = ("camera_embedder", "camera_proj", "camera_gate")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -224,6 +227,26 @@ def joint_attention(attn: WanAttention, x: jax.Array, text_kv: tuple[jax.Array, 
 # ---------------------------------------------------------------------------------------------------------
 
 
+class CameraGate(nnx.Variable):
+    """A block's fixed 0/1 factor on its camera adapter (FIRST_BLOCKS: 1 in the first blocks only); not trained."""
+
+
+class CameraEmbedder(nnx.Module):
+    """Per-latent-frame camera path (B, t, 4) -> (B, t, D): fixed per-dimension scales (px -> ~1, log scale and roll
+    -> ~1), then Linear -> SiLU -> Linear, shared by every block's adapter."""
+
+    SCALES = (0.25, 0.25, 5.0, 4.0)  # (oy, ox) px, log_scale, roll rad: typical clip-long values -> ~1
+
+    def __init__(self, dim: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.linear_1 = dense(4, dim, (None, "embed"), **kw)
+        self.linear_2 = dense(dim, dim, ("embed", "mlp"), **kw)
+
+    def __call__(self, camera: jax.Array) -> jax.Array:
+        x = camera.astype(jnp.float32) * jnp.asarray(self.SCALES, jnp.float32)
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
 class GELUProj(nnx.Module):
     """Linear then tanh-GELU (diffusers `GELU(approximate="tanh")`, param path `proj`)."""
 
@@ -279,11 +302,17 @@ class DiTBlock(nnx.Module):
         self.scale_shift_table_t = nnx.Param(table(rngs.params(), (1, 3, d), f32)) if factorized else None
         attn_kw.pop("impl"), attn_kw.pop("context_parallel")
         self.text_kv = None if cross else TextKV(d, **attn_kw)
+        camera = cfg.conditions.camera is not CameraCondition.OFF  # zero-initialised: the block starts as without it
+        self.camera_proj = dense(d, d, ("embed", "mlp"), kernel_init=nnx.initializers.zeros, dtype=cfg.dtype,
+                                 param_dtype=cfg.param_dtype, rngs=rngs) if camera else None
+        self.camera_gate = CameraGate(jnp.ones((), jnp.float32)) if camera else None  # 0: this block ignores it
 
     def __call__(self, x: jax.Array, inputs: BlockInputs) -> jax.Array:
         """x (B, N, D) and the shared `BlockInputs` (text, per-query text mask, modulation, RoPE) -> (B, N, D)."""
         x = shard(x, ACT_BND)
         f32 = jnp.float32
+        if self.camera_proj is not None and inputs.camera is not None:
+            x = x + (self.camera_proj(inputs.camera) * self.camera_gate[...]).astype(x.dtype)
         modulation, clean, given = inputs.modulation, inputs.given_modulation, inputs.given_tokens  # (B, 6, D) ...
         # 6 x (B, 1, D); with per-token timesteps 6 x (B, N, D) (given tokens modulated at t = 0)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = modulation_chunks(
@@ -362,6 +391,12 @@ class WanDiT(nnx.Module):
         self.proj_out = dense(d, cfg.out_channels * math.prod(cfg.patch_size), ("embed", None), **kw)
         init = logical(table_init, (None, None, "embed"))
         self.scale_shift_table = nnx.Param(init(rngs.params(), (1, 2, d), jnp.float32))
+        # Condition adapters are drawn after the base params, so those are the text-to-video model's.
+        camera = cfg.conditions.camera is not CameraCondition.OFF
+        self.camera_embedder = CameraEmbedder(d, **kw) if camera else None
+        if cfg.conditions.camera is CameraCondition.FIRST_BLOCKS:
+            self.blocks.camera_gate[...] = (jnp.arange(cfg.num_layers) < cfg.conditions.camera_blocks).astype(
+                jnp.float32)
         if cfg.lora is not None:  # drawn last: the base params are those of the model without LoRA
             add_lora(self, cfg.lora, rngs)
 
@@ -418,7 +453,13 @@ class WanDiT(nnx.Module):
         rope = block_rope(grid, cfg.head_dim, cfg.rope_theta, factorized=factorized, text_len=text_len,
                           positions=cond.positions)  # tables per self-attention, see RopeTables
         mask = None if cond.text_mask is None else cond.text_mask.astype(bool)[:, None, :]  # (B, 1, L): all queries
-        return (temb, clean_temb), BlockInputs(context, mask, modulation, rope, tokens, clean_mod)
+        camera = None
+        if self.camera_embedder is not None:
+            # A model with a camera adapter and no camera path given sees a static camera (all zeros).
+            path = cond.camera if cond.camera is not None else jnp.zeros((timesteps.shape[0], grid[0], 4))
+            frames = self.camera_embedder(path[:, ::cfg.patch_size[0]].astype(jnp.float32))  # (B, t', D)
+            camera = jnp.repeat(frames, grid[1] * grid[2], axis=1).astype(cfg.dtype)  # (B, N, D), (t, h, w) order
+        return (temb, clean_temb), BlockInputs(context, mask, modulation, rope, tokens, clean_mod, camera)
 
     def _run_blocks(self, x: jax.Array, inputs: BlockInputs) -> jax.Array:
         """Apply the stacked blocks with `nnx.scan` or a Python loop; both run the same (rematted) step."""

@@ -49,6 +49,8 @@ class BlockInputs(NamedTuple):
     # the time projection of t = 0, instead of `modulation`; None = every token uses `modulation`.
     given_tokens: jax.Array | None = None
     given_modulation: jax.Array | None = None
+    # ConditionSpec.camera: the camera embedding of each token's latent frame (B, N, D); None = no camera.
+    camera: jax.Array | None = None
 
 
 def given_tokens(given_mask: jax.Array, patch: Patch) -> jax.Array:

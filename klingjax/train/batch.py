@@ -42,7 +42,7 @@ def video_batch(example: Mapping[str, np.ndarray]) -> VideoBatch:
 
 def latent_batch(example: Mapping[str, np.ndarray]) -> LatentBatch:
     """A host's latent-cache examples (the data pipeline's dict) as a LatentBatch (+ the masked-video fields)."""
-    given = {k: np.asarray(example[k]) for k in ("given", "given_mask") if k in example}
+    given = {k: np.asarray(example[k]) for k in ("given", "given_mask", "camera") if k in example}
     cond = Conditions(text=np.asarray(example["text"]), text_mask=np.asarray(example["text_mask"]), **given)
     task = np.asarray(example["task"]) if "task" in example else None
     return LatentBatch(latent=np.asarray(example["latent"]), cond=cond, task=task)

@@ -291,6 +291,22 @@ class Checkpointer:
         self._mngr.close()
 
 
+def saved_param_names(state_dir: str, key: str) -> set[str] | None:
+    """The "/"-joined param paths of a checkpoint's `key` ("model" | "ema") subtree, from its `_METADATA` (None if it
+    cannot be read)."""
+    try:
+        with open(os.path.join(state_dir, "_METADATA")) as f:
+            entries = json.load(f)["tree_metadata"].values()
+        out = set()
+        for e in entries:
+            keys = [str(k["key"]) for k in e["key_metadata"]]
+            if keys and keys[0] == key:
+                out.add("/".join(keys[1:-1] if keys[-1] == "value" else keys[1:]))
+        return out
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _top_level_keys(directory: str, step: int) -> set[str]:
     """The top-level keys of a step's saved state, from its `_METADATA` (empty set if it cannot be read)."""
     try:

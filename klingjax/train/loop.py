@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from klingjax.config import StageConfig
 from klingjax.layout import checkpoint_dir, stage_dir
+from klingjax.models.dit import ADAPTER_PARAMS
 from klingjax.sharding.rules import get_rules
 from klingjax.train import guard as step_guard
 from klingjax.train import trainable
@@ -41,6 +42,7 @@ from klingjax.train.checkpoint import (
     local_iterator_state,
     restore_params,
     restore_state,
+    saved_param_names,
 )
 from klingjax.train.metrics import MetricWriter
 from klingjax.train.optim import learning_rate_schedule, make_optimizer
@@ -145,8 +147,22 @@ def _fine_tune_base(st, state: nnx.State, cfg: StageConfig, stage_name: str, out
 def _init_from(st, state: nnx.State, cfg: StageConfig) -> nnx.State:
     """`state` with model and EMA params replaced by those of the checkpoint `cfg.init_from` (fresh optimiser)."""
     abstract_model = nnx.merge(st.graphdef, st.abstract_state).model
-    params = restore_params(cfg.init_from, abstract_model, use_ema=cfg.init_from_ema,
-                            shardings=st.shardings["model"])
+    abstract, shardings = nnx.state(abstract_model), st.shardings["model"]
+    _, (ckpt,) = find_checkpoints(cfg.init_from)
+    saved = saved_param_names(ckpt.state_dir, "ema" if cfg.init_from_ema else "model")
+    names = [trainable.path_name(p) for p, _ in nnx.to_flat_state(abstract)]
+    new = [n for n in names if saved is not None and n not in saved]
+    if new and all(n.split("/")[0] in ADAPTER_PARAMS or (len(n.split("/")) > 1 and n.split("/")[1] in ADAPTER_PARAMS)
+                   for n in new):
+        # A condition adapter the base does not have (e.g. a camera adapter on a text-to-video base) keeps its
+        # (zero) init: the model starts as the base.
+        logging.info("init_from: %d condition-adapter params are not in %s and keep their init: %s", len(new),
+                     cfg.init_from, sorted({n.rsplit("/", 1)[0] for n in new}))
+        keep = lambda state: nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(state)
+                                                  if trainable.path_name(p) not in new])
+        params = restore_state(cfg.init_from, keep(abstract), use_ema=cfg.init_from_ema, shardings=keep(shardings))
+    else:
+        params = restore_params(cfg.init_from, abstract_model, use_ema=cfg.init_from_ema, shardings=shardings)
     trainer = nnx.merge(st.graphdef, state)
     nnx.update(trainer.model, params)
     # Separate buffers: the step donates model and EMA, and one buffer cannot be donated twice.

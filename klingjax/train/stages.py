@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 
 import grain
 import jax
@@ -17,7 +18,9 @@ from klingjax.data import tasks as data_tasks
 from klingjax.data.pipeline import decode_video_record, make_dataset
 from klingjax.data.records import list_shards
 from klingjax.data.shard_check import ShardCheckIterDataset
+from klingjax.data.synthetic.camera import camera_condition, latent_frame_rows
 from klingjax.diffusion import masked, schedules
+from klingjax.models.conditions import CameraCondition
 from klingjax.models.discriminator import DiscriminatorConfig, PatchDiscriminator3D
 from klingjax.models.dit import WanDiT
 from klingjax.models.lpips import load_lpips
@@ -86,12 +89,17 @@ class LatentDecoder(grain.transforms.RandomMap):
     std: np.ndarray
     tasks: tuple[tuple[str, float], ...] = ()  # (name, weight); () = text-to-video only, no given fields
     patch: tuple[int, int, int] = (1, 1, 1)  # the DiT patch: masks are whole tokens
+    camera_rows: tuple[int, ...] = ()  # camera condition: the pixel frame each latent frame reads; () = no camera
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         latent = (np.asarray(record["latent"], np.float32) - self.mean) / self.std  # (t, h, w, c), ~unit scale
         out = {"latent": latent,
                "text": np.asarray(record["text"], np.float32),  # (L, text_dim)
                "text_mask": np.asarray(record["text_mask"], bool)}  # (L,)
+        if self.camera_rows:
+            meta = record["meta_json"]
+            out["camera"] = camera_condition(json.loads(meta.decode() if isinstance(meta, bytes) else str(meta)),
+                                             self.camera_rows)
         if not self.tasks:
             return out
         name, mask = data_tasks.draw_task(rng, dict(self.tasks), latent.shape[:3], self.patch)
@@ -153,7 +161,10 @@ def dit_stage(exp: ExperimentConfig, workdir: str, null_text: tuple[np.ndarray, 
 
     def dataset(per_host: int, seed: int, index: int, count: int):
         mean, std = layout.load_latent_stats(workdir)
-        decode = LatentDecoder(mean=mean, std=std, tasks=tasks, patch=tuple(mcfg.patch_size))
+        rows = ()
+        if mcfg.conditions.camera is not CameraCondition.OFF:
+            rows = tuple(int(r) for r in latent_frame_rows(exp.data.num_frames, layout.vae_config(exp).temporal_factor))
+        decode = LatentDecoder(mean=mean, std=std, tasks=tasks, patch=tuple(mcfg.patch_size), camera_rows=rows)
         shards = list_shards(layout.latent_dir(workdir), "train")
         ds = make_dataset(shards, decode=decode, batch_size=per_host, seed=seed, shuffle=True, num_epochs=None,
                           process_index=index, process_count=count, worker_count=exp.data.worker_count)

@@ -13,8 +13,9 @@ SINGLE_TEMPLATES = (
 )
 
 
-def caption(rng: np.random.Generator, combos: list[Combo], camera: str) -> str:
-    """Caption of a clip with objects `combos` (one template drawn from `rng` if single) and `camera` motion."""
+def caption(rng: np.random.Generator, combos: list[Combo], camera: str, camera_words: list[str] = ()) -> str:
+    """Caption of a clip with objects `combos` (one template drawn from `rng` if single) and `camera` motion (a pan
+    name or "static"); `camera_words`: phrases of camera moves appended ("the camera zooms in")."""
     background = combos[0][3]
     if len(combos) == 1:
         c, s, d, b = combos[0]
@@ -25,4 +26,6 @@ def caption(rng: np.random.Generator, combos: list[Combo], camera: str) -> str:
         text = " and ".join(parts) + f" on a {background} background"
     if camera != "static":
         text += f", the camera pans {camera.removeprefix('pan_')}"
+    if camera_words:
+        text += ", " + " and ".join(camera_words)
     return text

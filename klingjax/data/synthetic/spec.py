@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from klingjax.data.synthetic.camera import MOVES as CAMERA_MOVES
 from klingjax.data.synthetic.sprites import SHAPE_SDFS
 
 DEFAULT_COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
@@ -48,6 +49,15 @@ class SyntheticSpec:
     p_two_objects: float = 0.0
     p_camera_pan: float = 0.0
     heldout_fraction: float = 0.1
+    # Camera moves (synthetic/camera.py: pan, zoom, roll and pairs of them; per-frame camera paths in the metadata).
+    # Off by default; when on, its draws come after every other one, so datasets without it are unchanged.
+    p_camera_move: float = 0.0  # P(a clip has a camera move); the rest have a static camera (no pan either)
+    camera_moves: tuple[str, ...] = ()  # the moves drawn from (camera.MOVES names); () = all of them
+    p_two_moves: float = 0.0  # P(a moving camera combines two moves of different kinds, e.g. pan + zoom)
+    move_pan_range: tuple[float, float] = (0.4, 0.8)  # px / frame
+    zoom_rate_range: tuple[float, float] = (0.015, 0.03)  # relative scale change / frame
+    roll_rate_range: tuple[float, float] = (0.02, 0.04)  # rad / frame
+    camera_words: bool = True  # captions name the camera move ("the camera zooms in")
 
     def __post_init__(self):
         unknown = set(self.shapes) - set(SHAPE_SDFS)
@@ -58,6 +68,8 @@ class SyntheticSpec:
             raise ValueError(f"unknown directions {sorted(unknown)}; known: {sorted(DIRECTION_VECTORS)}")
         if self.size_range[1] + 2 * MARGIN >= min(self.height, self.width):
             raise ValueError(f"size_range {self.size_range} does not fit a {self.height}x{self.width} frame")
+        if unknown := set(self.camera_moves) - set(CAMERA_MOVES):
+            raise ValueError(f"unknown camera moves {sorted(unknown)}; known: {list(CAMERA_MOVES)}")
         if not 0.0 <= self.heldout_fraction < 0.5:
             raise ValueError(f"heldout_fraction must be in [0, 0.5), got {self.heldout_fraction}")
 
