@@ -183,6 +183,9 @@ def dit_to_diffusers_config(cfg: DiTConfig) -> dict[str, Any]:
             f"attention_layout={cfg.attention_layout.value}, text_attention={cfg.text_attention.value}")
     if cfg.rope_theta != 10000.0:
         raise UnsupportedConfigError(f"WanTransformer3DModel fixes RoPE theta at 10000, this DiT uses {cfg.rope_theta}")
+    if cfg.conditions.camera.value != "off":
+        raise UnsupportedConfigError("WanTransformer3DModel has no camera adapter; this DiT reads Conditions.camera "
+                                     f"(conditions.camera={cfg.conditions.camera.value}): sample it with klingjax")
     return {
         "_class_name": DIFFUSERS_CLASS,
         "_diffusers_version": DIFFUSERS_VERSION,

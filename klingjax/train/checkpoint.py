@@ -417,6 +417,13 @@ def _restore_subtree(ckpt: StageCheckpoint, target: nnx.State, key: str) -> nnx.
         if isinstance(e, ValueError) and not _IO_STATUS.match(str(e)):
             raise ArchitectureError(f"{ckpt.state_dir} does not fit the given model: {e}") from e
         raise corrupt_error(ckpt, describe_error(e)) from e
+    flat = jax.tree_util.tree_flatten_with_path(restored[key])[0]
+    missing = [jax.tree_util.keystr(p, simple=True, separator="/") for p, v in flat
+               if isinstance(v, jax.ShapeDtypeStruct)]
+    if missing:  # a partial restore leaves what the checkpoint lacks as the target's ShapeDtypeStructs
+        more = " ..." if len(missing) > 6 else ""
+        raise ArchitectureError(f"{ckpt.state_dir} has no {key} params {missing[:6]}{more} ({len(missing)} in all) "
+                                "that the given model has")
     return restored[key]
 
 

@@ -119,6 +119,10 @@ def test_bad_variant_argument():
         ({"dit.model_overrides": {"lora": {"rank": 4}}}, r"'dit\.model_overrides\.lora': set by the stage"),
         ({"data.extra_colours": {"pink": (300, 0, 0)}}, r"'data\.extra_colours\.pink': expected \(r, g, b\)"),
         ({"vae.from_workdir": "/base"}, r"'vae\.from_workdir'.*'stages' must not list 'vae'"),
+        ({"data.p_camera_move": 1.5}, r"'data\.p_camera_move': a probability in \[0, 1\]"),
+        ({"data.camera_moves": ("dolly_in",)}, r"'data\.camera_moves': unknown moves \['dolly_in'\]"),
+        ({"dit.model_overrides": {"conditions": {"camera": "everywhere"}}},
+         r"'dit\.model_overrides'.*conditions\.camera: 'everywhere' is not one of"),
     ],
 )
 def test_fine_tune_keys_name_the_key(changes, pattern):

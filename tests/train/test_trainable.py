@@ -182,3 +182,36 @@ def test_a_pattern_matching_nothing_fails_before_compiling(base, tmp_path, mesh,
 def test_a_lora_target_matching_no_layer_is_named():
     with pytest.raises(ValueError, match="'attn9'.*match no linear layer"):
         TwoDense(nnx.Rngs(0), LoRAConfig(rank=2, targets=("inp", "attn9")))
+
+
+class WithAdapter(TwoDense):
+    """TwoDense + a zero-initialised condition adapter (named like the DiT's camera embedder) or another new param."""
+
+    def __init__(self, rngs: nnx.Rngs, name: str = "camera_embedder"):
+        super().__init__(rngs)
+        setattr(self, name, dense(4, 4, ("embed", "mlp"), kernel_init=nnx.initializers.zeros, rngs=rngs))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return super().__call__(x) + getattr(self, "camera_embedder", getattr(self, "extra", None))(x)
+
+
+def test_init_from_keeps_a_new_condition_adapter_at_its_init(base, tmp_path, mesh):
+    """A model with a zero-initialised condition adapter starts from a checkpoint without it (the adapter keeps its
+    init); any other param the checkpoint lacks is an architecture error."""
+    import dataclasses
+
+    spec = _spec(None)
+    cfg = _cfg(init_from=os.path.join(base, "dit"), steps=1, checkpoint_every=1)
+    os.makedirs(tmp_path / "a")
+    (tmp_path / "a" / "config.json").write_text("{}")
+    train_stage(dataclasses.replace(spec, make_model=WithAdapter), cfg, workdir=str(tmp_path / "a"), mesh=mesh,
+                seed=0)
+    model = nnx.eval_shape(lambda: WithAdapter(nnx.Rngs(0)))
+    got = _flat(restore_params(str(tmp_path / "a" / "dit"), model, use_ema=False))
+    want = _params(os.path.join(base, "dit"), use_ema=True)
+    for name, value in want.items():  # step 1 runs at warmup lr 0: the loaded params are unchanged
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    assert not got["camera_embedder/kernel"].any()
+    with pytest.raises(ArchitectureError):
+        train_stage(dataclasses.replace(spec, make_model=functools.partial(WithAdapter, name="extra")), cfg,
+                    workdir=str(tmp_path / "b"), mesh=mesh, seed=0)
