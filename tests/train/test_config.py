@@ -145,3 +145,16 @@ def test_lora_recipe_validates():
     assert exp.vae.from_workdir == "/base" and "vae" not in exp.stages
     with pytest.raises(ValueError, match="needs the base work dir"):
         lora_recipe.get_config("")
+
+
+@pytest.mark.parametrize("mode", ["all_blocks", "first_blocks", "text"])
+def test_camera_experiment_validates(mode):
+    from experiments import camera
+
+    exp = to_experiment(camera.get_config(f"{mode},vae=/base,runlocal"))
+    assert exp.data.p_camera_move > 0 and exp.data.camera_words == (mode == "text")
+    assert exp.dit.model_overrides.get("conditions", {}).get("camera", "off") == ("off" if mode == "text" else mode)
+    assert exp.vae.from_workdir == "/base" and "vae" not in exp.stages
+    assert "vae" in to_experiment(camera.get_config(mode)).stages
+    with pytest.raises(ValueError, match="MODE in"):
+        camera.get_config("sideways")

@@ -21,12 +21,13 @@ def texture(rng: np.random.Generator, offsets: np.ndarray, height: int, width: i
     return tex
 
 
-def texture_at(rng: np.random.Generator, qy: np.ndarray, qx: np.ndarray) -> np.ndarray:
-    """The same kind of texture (same draws as `texture`) evaluated at scene coordinates qy, qx (any equal shapes):
-    what a camera with zoom and roll sees (synthetic/camera.py)."""
+def texture_at(rng: np.random.Generator, qy: np.ndarray, qx: np.ndarray, *, amplitude: float = TEXTURE_AMPLITUDE,
+               wavelengths: tuple[float, float] = (5.0, 11.0)) -> np.ndarray:
+    """The same kind of texture (the draws of `texture`) evaluated at scene coordinates qy, qx (any equal shapes):
+    what a camera with zoom and roll sees (synthetic/camera.py); `amplitude` per sinusoid, wavelengths in px."""
     tex = np.zeros(np.shape(qy), np.float32)
     angles = rng.uniform(0, np.pi, 3) + np.array([0.0, np.pi / 3, 2 * np.pi / 3])
-    for angle, wavelength, phase in zip(angles, rng.uniform(5.0, 11.0, 3), rng.uniform(0, 2 * np.pi, 3)):
+    for angle, wavelength, phase in zip(angles, rng.uniform(*wavelengths, 3), rng.uniform(0, 2 * np.pi, 3)):
         fy, fx = np.sin(angle) / wavelength, np.cos(angle) / wavelength
-        tex += TEXTURE_AMPLITUDE * np.sin(2 * np.pi * (fy * qy + fx * qx) + phase).astype(np.float32)
+        tex += amplitude * np.sin(2 * np.pi * (fy * qy + fx * qx) + phase).astype(np.float32)
     return tex

@@ -58,6 +58,10 @@ class SyntheticSpec:
     zoom_rate_range: tuple[float, float] = (0.015, 0.03)  # relative scale change / frame
     roll_rate_range: tuple[float, float] = (0.02, 0.04)  # rad / frame
     camera_words: bool = True  # captions name the camera move ("the camera zooms in")
+    # The background texture of camera-move clips: stronger and smoother than the default +-7.5 grey levels at 5-11 px,
+    # which a 8x spatially compressing VAE (4x4 latents at 32x32) does not reconstruct (the camera would be invisible).
+    camera_texture_amplitude: float = 6.0  # per sinusoid: at most +-18 grey levels (below the foreground distance)
+    camera_texture_wavelengths: tuple[float, float] = (10.0, 20.0)  # px
 
     def __post_init__(self):
         unknown = set(self.shapes) - set(SHAPE_SDFS)
