@@ -43,7 +43,8 @@ def evaluate(exp: ExperimentConfig, generator: VideoGenerator, *, data_dir: str,
     if getattr(generator, "dit", None) is not None and generator.dit.cfg.conditions.camera is not CameraCondition.OFF:
         rows = latent_frame_rows(exp.data.num_frames, layout.vae_config(exp).temporal_factor)
         camera = np.stack([camera_condition(m, tuple(rows)) for m in metas])  # each clip's own camera path
-    fake = generator(captions, jax.random.key(exp.seed + 1), batch_size=exp.eval.batch_size, camera=camera)
+    extra = {} if camera is None else {"camera": camera}
+    fake = generator(captions, jax.random.key(exp.seed + 1), batch_size=exp.eval.batch_size, **extra)
     folder = os.path.join(out_dir, *GENERATED_DIR)
     if jax.process_index() == 0:  # every process generated and scores the same clips; host 0 alone writes
         scoring.write_generated(folder, fake, captions)
