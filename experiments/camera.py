@@ -14,7 +14,9 @@ words; `text` - no adapter, the captions name the moves ("..., the camera pans l
 mode draws the same clips (same seed; only the captions differ) and trains the DiT from scratch for the same steps and
 batch; `vae=WORKDIR` reuses that work dir's VAE and latent normalisation instead of training one (`vae.from_workdir`).
 Camera clips carry a stronger, smoother background texture than the demo's (SyntheticSpec.camera_texture_*): the
-demo's +-7.5 grey levels at 5-11 px are below what its VAE reconstructs, so no camera would be visible through it.
+demo's +-7.5 grey levels at 5-11 px are below what its VAE reconstructs, so no camera would be visible through it;
+and one fixed texture per background colour (`data.camera_world_texture`): with a random texture per clip the XS DiT
+generated flat backgrounds (nothing to see a camera move by).
 The eval scores the held-out clips' camera with `klingjax/eval/camera_metrics.py` (`camera_*`,
 `object_direction_acc_*`; `_on_real` = the estimator on the ground truth, `_on_vae` = on the VAE's reconstructions,
 any DiT's floor), and adherence as always. Arg: "MODE[,vae=WORKDIR][,runlocal]".
@@ -50,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.p_camera_move = 0.8
     c.data.p_two_moves = 0.25
     c.data.camera_words = mode == "text"
+    c.data.camera_world_texture = True
     if mode != "text":
         c.dit.model_overrides = {**c.dit.model_overrides, "conditions": {"camera": mode, "camera_blocks": 2}}
     c.eval.num_clips = 96

@@ -71,6 +71,7 @@ class DataConfig:
     p_two_moves: float = 0.0
     camera_moves: tuple[str, ...] = ()
     camera_words: bool = True
+    camera_world_texture: bool = False  # one fixed background texture per background colour (SyntheticSpec)
     # Colours added to the synthetic palette, name -> (r, g, b) 0-255: a concept a base model never saw (fine-tuning).
     extra_colours: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 

@@ -59,10 +59,12 @@ def _pair_similarity(i0: np.ndarray, i1: np.ndarray, w0: np.ndarray, w1: np.ndar
         r = warped - i0
         a_mat = np.einsum("hwi,hwj,hw->ij", jac, jac, weight)
         b_vec = -np.einsum("hwi,hw,hw->i", jac, r, weight)
-        if np.linalg.cond(a_mat) > 1e8:
-            return None
+        if not (np.isfinite(a_mat).all() and np.isfinite(b_vec).all()) or np.linalg.cond(a_mat) > 1e8:
+            return None  # no texture left to match (e.g. a generated clip with a flat background)
         step = np.linalg.solve(a_mat, b_vec)
         theta = theta + step
+        if np.abs(theta[:2]).max() > 0.5 * max(h, w) or abs(theta[2]) > 1.0 or abs(theta[3]) > 1.0:
+            return None  # diverged: no similarity transform explains the pair
         if np.abs(step).max() < 1e-6:
             break
     return theta

@@ -152,8 +152,7 @@ def _init_from(st, state: nnx.State, cfg: StageConfig) -> nnx.State:
     saved = saved_param_names(ckpt.state_dir, "ema" if cfg.init_from_ema else "model")
     names = [trainable.path_name(p) for p, _ in nnx.to_flat_state(abstract)]
     new = [n for n in names if saved is not None and n not in saved]
-    if new and all(n.split("/")[0] in ADAPTER_PARAMS or (len(n.split("/")) > 1 and n.split("/")[1] in ADAPTER_PARAMS)
-                   for n in new):
+    if new and all(any(part in ADAPTER_PARAMS for part in n.split("/")) for n in new):
         # A condition adapter the base does not have (e.g. a camera adapter on a text-to-video base) keeps its
         # (zero) init: the model starts as the base.
         logging.info("init_from: %d condition-adapter params are not in %s and keep their init: %s", len(new),

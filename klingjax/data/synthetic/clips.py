@@ -119,7 +119,8 @@ def _moving_camera_clip(spec: SyntheticSpec, rng: np.random.Generator, combos: l
     t = np.arange(t_len, dtype=np.float64)
     bg_name = combos[0][3]
     frames = np.broadcast_to(spec.background_table[bg_name], (t_len, height, width, 3)).copy()
-    frames += texture_at(rng, qy, qx, amplitude=spec.camera_texture_amplitude,
+    world = np.random.default_rng(list(bg_name.encode())) if spec.camera_world_texture else rng
+    frames += texture_at(world, qy, qx, amplitude=spec.camera_texture_amplitude,
                          wavelengths=spec.camera_texture_wavelengths)[..., None]
     objects = []
     for combo, size, speed in zip(combos, sizes, speeds):

@@ -62,6 +62,9 @@ class SyntheticSpec:
     # which a 8x spatially compressing VAE (4x4 latents at 32x32) does not reconstruct (the camera would be invisible).
     camera_texture_amplitude: float = 6.0  # per sinusoid: at most +-18 grey levels (below the foreground distance)
     camera_texture_wavelengths: tuple[float, float] = (10.0, 20.0)  # px
+    # One fixed texture per background (a "world" every clip of that background is filmed in) instead of a random one
+    # per clip: a small DiT learns to render a known world through a camera; a random texture it smears to flat.
+    camera_world_texture: bool = False
 
     def __post_init__(self):
         unknown = set(self.shapes) - set(SHAPE_SDFS)
