@@ -107,3 +107,23 @@ def test_bad_paths_are_named(tmp_path):
         cam.check_path(good + 1.0, 9)
     (tmp_path / "p.json").write_text(json.dumps({"path": good.tolist()}))
     assert cam.parse_moves("pan_left:0.5, zoom_in:0.02") == {"pan_left": 0.5, "zoom_in": 0.02}
+
+
+def test_world_texture_is_one_texture_per_background():
+    import dataclasses
+
+    spec = dataclasses.replace(SPEC, camera_world_texture=True, p_camera_move=1e-9)  # (nearly) always static
+    clips = [generate_clip(spec, 5, i, "train") for i in range(12)]
+    by_bg = {}
+    for clip in clips:
+        far = np.ones((32, 32), bool)  # pixels away from every sprite
+        for o in clip.meta["objects"]:
+            y, x = (int(v) for v in np.asarray(o["screen_track"])[0])
+            far[max(0, y - 9):y + 9, max(0, x - 9):x + 9] = False
+        by_bg.setdefault(clip.meta["background"], []).append((clip.frames[0], far))
+    assert any(len(v) > 1 for v in by_bg.values())
+    for views in by_bg.values():
+        (a, fa), *rest = views
+        for b, fb in rest:
+            both = fa & fb
+            np.testing.assert_array_equal(a[both], b[both])
