@@ -16,7 +16,8 @@ import sys
 
 # metric -> (label, goal text, goal test)
 GOALS = {
-    "camera_move_acc": ("camera-move accuracy", ">= 0.95", lambda v: v >= 0.95),
+    "camera_direction_acc": ("camera-move direction accuracy", ">= 0.95", lambda v: v >= 0.95),
+    "camera_move_acc": ("exact move set (no spurious moves)", "-", None),
     "camera_translation_err": ("translation error (px/frame)", "<= 0.15", lambda v: v <= 0.15),
     "camera_zoom_err": ("zoom-rate error (%/frame)", "<= 0.5", lambda v: v <= 0.5),
     "camera_roll_err": ("roll-rate error (deg/frame)", "-", None),
@@ -60,7 +61,7 @@ def plot(runs: dict[str, dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     keys = list(GOALS)
-    fig, axes = plt.subplots(2, 4, figsize=(14, 5.5))
+    fig, axes = plt.subplots(3, 3, figsize=(12, 8))
     for ax, key in zip(axes.ravel(), keys):
         bars = ax.bar(list(runs), [runs[n].get(key, float("nan")) for n in runs],
                       color=["tab:blue", "tab:orange", "tab:gray", "tab:green"][: len(runs)])

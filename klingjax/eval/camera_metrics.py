@@ -8,7 +8,9 @@ camera's per-frame rates (pan velocity in px / frame at frame 0's scale, zoom as
 rad / frame) through the camera model, and the clip's estimate is their median. Moves are named from the rates with
 per-clip thresholds (`move_names`).
 
-Metrics (`score`): camera-move accuracy (the set of moves named equals the true set, static included), mean pan
+Metrics (`score`): camera-move accuracy (the set of moves named equals the true set, static included), camera
+direction accuracy (per true move of a moving clip: the estimate moves that way - the dominant pan axis and sign, the
+sign of zoom / roll - whatever else it adds), mean pan
 translation error |v - v_true| (px / frame), zoom-rate error |(exp z - 1) - (exp z_true - 1)| (% per frame), roll
 error (degrees / frame), and object-direction accuracy under camera motion: each detected object's screen track is
 mapped back into the scene through the *estimated* camera and its scene velocity's direction compared with the
@@ -138,13 +140,16 @@ def score(videos: np.ndarray, metas: Sequence[dict], spec: SyntheticSpec) -> dic
     if len(videos) != len(metas):
         raise ValueError(f"{len(videos)} videos but {len(metas)} metas")
     t_len, height, width = videos.shape[1:4]
-    hits, n_moving = 0, 0
+    hits, n_moving, dir_right, dir_total = 0, 0, 0, 0
     pan_err, zoom_err, roll_err = [], [], []
     obj = {"moving": [0, 0], "static": [0, 0]}  # [right, total]
     for video, meta in zip(videos, metas):
         true = np.asarray(meta.get("camera_rate", [0.0] * camera_lib.CAMERA_DIMS), np.float64)
         pred = estimate_rates(video, spec)
         hits += move_names(pred, t_len) == camera_lib.move_names(true)
+        for name in camera_lib.move_names(true):  # each true move's direction, extra estimated moves ignored
+            dir_total += 1
+            dir_right += name in camera_lib.move_names(pred)
         moving = bool(camera_lib.move_names(true))
         n_moving += moving
         pan_err.append(float(np.hypot(*(pred[:2] - true[:2]))))
@@ -160,7 +165,8 @@ def score(videos: np.ndarray, metas: Sequence[dict], spec: SyntheticSpec) -> dic
             if np.abs(v).max() * (t_len - 1) >= adherence._MIN_MOVE_PX:
                 part[0] += adherence._direction(v) == o["direction"]
     n = max(len(metas), 1)
-    out = {"camera_move_acc": hits / n, "camera_translation_err": float(np.mean(pan_err)),
+    out = {"camera_move_acc": hits / n, "camera_direction_acc": dir_right / max(dir_total, 1),
+           "camera_translation_err": float(np.mean(pan_err)),
            "camera_zoom_err": float(np.mean(zoom_err)), "camera_roll_err": float(np.mean(roll_err)),
            "camera_n_moving": float(n_moving), "camera_n": float(len(metas))}
     for part, (right, total) in obj.items():
