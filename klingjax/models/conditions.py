@@ -2,13 +2,13 @@
 `ConditionSpec` (static, in `DiTConfig`: which conditions a model accepts and what parameters they add).
 
 Every Kling capability is a condition on the same DiT (DESIGN.md section 4), so all of them travel in this one
-pytree instead of new arguments threaded through the trainer, sampler, eval and export. It holds the text fields
-and the masked-video fields (given latents + a "given" mask: image / first-last-frame / keyframes to video,
-extension, inpainting). Later capabilities add fields here, each defaulting to None, and None always means
-"absent": reference latents + their positions, camera parameters per frame, a shot index per token (multi-shot
-captions), audio tokens. Neighbours: models/dit.py (its condition step turns Conditions into the blocks'
-`BlockInputs`), diffusion/guidance.py (CFG over any pair of condition pytrees), diffusion/masked.py (keeping given
-latents clean in the loss and the sampler), data/tasks.py (the mask patterns of each task).
+pytree instead of new arguments threaded through the trainer, sampler, eval and export. It holds the text fields,
+the masked-video fields (given latents + a "given" mask: image / first-last-frame / keyframes to video,
+extension, inpainting) and the camera path per latent frame (camera control). Later capabilities add fields here,
+each defaulting to None, and None always means "absent": reference latents + their positions, a shot index per
+token (multi-shot captions), audio tokens. Neighbours: models/dit.py (its condition step turns Conditions into the
+blocks' `BlockInputs`), diffusion/guidance.py (CFG over any pair of condition pytrees), diffusion/masked.py (keeping
+given latents clean in the loss and the sampler), data/tasks.py (the mask patterns of each task).
 """
 
 from __future__ import annotations
@@ -104,8 +104,9 @@ class ConditionSpec:
       * `masked_video` (image / video / first-last-frame to video, extension, inpainting; see `MaskedVideo`):
         per-token timesteps, given tokens kept at t = 0 (Wan 2.2 TI2V, LTX), or channel concat of the given
         latents + mask (Wan 2.1 I2V, Open-Sora 2.0);
+      * `camera` (camera control, see `CameraCondition`): a camera embedder + zero-initialised per-block adapters
+        reading `Conditions.camera`, in every block or the first `camera_blocks`;
     and later:
-      * camera control: a camera adapter reading per-frame camera parameters;
       * multi-shot: per-shot captions and a shot index per token (per-query cross-attention masks);
       * references: extra clean tokens with positions outside the clip (extra keys/values);
       * audio: a second token stream with time-aligned positions.
