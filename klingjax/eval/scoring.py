@@ -199,6 +199,16 @@ def compute_metrics(gen: np.ndarray, ref: np.ndarray | None, metrics: Sequence[s
                 protocols[key + tag] = ("vbench_exact_formula" if key == "temporal_flickering"
                                         else "vbench_style_substitute") + f"_{len(videos)}clips"
 
+    def scored_sets(n: int, *how: str) -> list[tuple[str, np.ndarray, str]]:
+        """(tag, videos, how) of what a ground-truth metric scores: the generated clips, and, when given, the
+        reference clips (`_on_real`) and the VAE's reconstructions of them (`_on_vae`)."""
+        sets = [("", gen, how[0])]
+        if ref is not None and len(ref) >= n:
+            sets.append(("_on_real", ref[:n], how[1]))
+        if recon is not None and len(recon) >= n:
+            sets.append(("_on_vae", recon[:n], how[2]))
+        return sets
+
     def do_adherence():
         from klingjax.eval import adherence
 
@@ -207,11 +217,8 @@ def compute_metrics(gen: np.ndarray, ref: np.ndarray | None, metrics: Sequence[s
         n = len(gen)
         if len(metas) < n:
             raise Skip(f"{n} generated videos but only {len(metas)} ground-truth metas")
-        sets = [("", gen, "detector on decoded RGB")]
-        if ref is not None and len(ref) >= n:
-            sets.append(("_on_real", ref[:n], "detector on the ground-truth clips: its ceiling"))
-        if recon is not None and len(recon) >= n:
-            sets.append(("_on_vae", recon[:n], "detector on the VAE's reconstructions: any DiT's ceiling"))
+        sets = scored_sets(n, "detector on decoded RGB", "detector on the ground-truth clips: its ceiling",
+                           "detector on the VAE's reconstructions: any DiT's ceiling")
         for tag, videos, how in sets:
             scores = _timed(timings, f"adherence{tag}", n, lambda v=videos: adherence.score(v, metas[:n], spec))
             for key in ADHERENCE_KEYS:
@@ -237,11 +244,9 @@ def compute_metrics(gen: np.ndarray, ref: np.ndarray | None, metrics: Sequence[s
         if spec is None or metas is None or not any("camera_rate" in m for m in metas):
             raise Skip("needs a synthetic dataset with camera moves (data.p_camera_move > 0)")
         n = len(gen)
-        sets = [("", gen, "estimated from the generated pixels")]
-        if ref is not None and len(ref) >= n:
-            sets.append(("_on_real", ref[:n], "estimator on the ground-truth clips: its own error"))
-        if recon is not None and len(recon) >= n:
-            sets.append(("_on_vae", recon[:n], "estimator on the VAE's reconstructions: any DiT's floor"))
+        sets = scored_sets(n, "estimated from the generated pixels",
+                           "estimator on the ground-truth clips: its own error",
+                           "estimator on the VAE's reconstructions: any DiT's floor")
         for tag, videos, how in sets:
             scores = _timed(timings, f"camera{tag}", n, lambda v=videos: camera_metrics.score(v, metas[:n], spec))
             for key, value in scores.items():
