@@ -17,15 +17,24 @@ from typing import Any
 
 import ml_collections
 
+from klingjax.config_stages import (  # noqa: F401 - the stage sections are part of this module's API
+    DiscConfig,
+    DistillStageConfig,
+    DiTStageConfig,
+    OptimConfig,
+    StageConfig,
+    TrainableConfig,
+    TrainableMode,
+    VAELossConfig,
+    VAEStageConfig,
+)
 from klingjax.data.synthetic.camera import MOVES as CAMERA_MOVES
 from klingjax.data.tasks import TASKS
-from klingjax.diffusion.losses import LossWeighting
+from klingjax.diffusion.distill import DistillMethod
 from klingjax.diffusion.samplers import Sampler
-from klingjax.diffusion.schedules import TimestepSampling
 from klingjax.models.discriminator import DiscriminatorConfig
 from klingjax.models.dit import DIT_VARIANTS, dit_config
-from klingjax.models.layers.lora import DEFAULT_TARGETS as LORA_TARGETS
-from klingjax.models.lpips import LPIPS_MIN_SIZE, LPIPSNet
+from klingjax.models.lpips import LPIPS_MIN_SIZE
 from klingjax.models.vae import VAE_VARIANTS, vae_config
 
 
@@ -33,7 +42,8 @@ class ConfigError(ValueError):
     """A config is invalid; the message names the key."""
 
 
-STAGES = ("data", "vae", "cache", "dit", "eval")
+STAGES = ("data", "vae", "cache", "dit", "distill", "eval")  # every stage, in the order they run
+DEFAULT_STAGES = ("data", "vae", "cache", "dit", "eval")  # what an experiment runs unless it lists its stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,122 +87,6 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with linear warmup then cosine decay, global-norm clipping and EMA."""
-
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    decay: bool = True
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.99
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-
-
-class TrainableMode(enum.Enum):
-    """Which parameters a stage trains."""
-
-    FULL = "full"  # every parameter
-    SUBSET = "subset"  # the params whose path matches `trainable.params`; the rest frozen
-    LORA = "lora"  # LoRA factors on the linear layers matching `trainable.lora_targets` (+ `trainable.params`)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainableConfig:
-    """What a stage trains (klingjax.train.trainable). Anything but `full` fine-tunes the model `init_from` names:
-    frozen params come from it, get no optimizer state and no EMA copy, and are not checkpointed (the stage keeps
-    a pointer to the base and its fingerprint in `base.json`).
-
-    Patterns are regular expressions searched in "/"-joined param paths, e.g. `blocks/attn1/` (every self-attention
-    param), `condition_embedder/` or `scale_shift_table$`.
-    """
-
-    mode: TrainableMode = TrainableMode.FULL
-    params: tuple[str, ...] = ()  # subset: the params trained; lora: params trained in full beside the factors
-    lora_rank: int = 16
-    lora_alpha: float = 0.0  # 0: alpha = rank (scale 1)
-    lora_targets: tuple[str, ...] = LORA_TARGETS  # linear layers given factors (paths as in lora.DEFAULT_TARGETS)
-    frozen_dtype: str = "float32"  # storage dtype of the frozen params: float32 | bfloat16
-
-
-@dataclasses.dataclass(frozen=True)
-class StageConfig:
-    """The train settings every stage has: model variant, batch, steps, optimiser, cadence, initialisation."""
-
-    variant: str = ""
-    model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # fields of the model's config
-    batch_size: int = 16  # global
-    num_frames: int = 0  # training clip length (centre crop, 1 + 4k); 0: data.num_frames
-    steps: int = 1000
-    max_steps_per_run: int = 0  # > 0: stop (after checkpointing) once this many steps ran in this process
-    optim: OptimConfig = OptimConfig()
-    sharding: str = "fsdp"  # rule preset name
-    log_every: int = 20
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    sample_every: int = 0  # 0: only at the end
-    init_from: str = ""  # fresh start only: load model params (model + EMA) from this stage/checkpoint dir
-    init_from_ema: bool = True  # take the EMA params of `init_from` (else the raw model params)
-    trainable: TrainableConfig = TrainableConfig()  # full training (default), a frozen subset, or LoRA
-    # Step guard (klingjax.train.guard): a step with a non-finite loss / gradient norm (or a loss spike) is skipped;
-    # more than this many consecutive skips stop the run (0: stop at the first).
-    max_nonfinite_steps: int = 0
-    loss_spike_factor: float = 0.0  # > 1: also skip a step whose loss > factor x the running median; 0: off
-    loss_spike_window: int = 32  # accepted losses in that running median (a ring buffer in the checkpoint)
-
-
-@dataclasses.dataclass(frozen=True)
-class VAELossConfig:
-    """Weights of the VAE objective: L1 + mse_weight * MSE + lpips_weight * LPIPS + kl_weight * KL."""
-
-    kl_weight: float = 1e-6
-    mse_weight: float = 0.0  # L1 alone is slow to learn small objects
-    lpips_weight: float = 0.0  # per-frame LPIPS(recon, video); 0: off
-    lpips_net: LPIPSNet = LPIPSNet.ALEX  # alex: ~20x cheaper than vgg
-    lpips_frames: int = 0  # LPIPS on this many random frames of each clip per step; 0: all frames
-
-
-@dataclasses.dataclass(frozen=True)
-class DiscConfig:
-    """The VAE stage's 3D PatchGAN: hinge loss with the adaptive weight x `weight` (0: no GAN)."""
-
-    weight: float = 0.0
-    start: int = 0  # optimizer step from which the discriminator trains and its loss applies
-    lr: float = 0.0  # 0: the stage's optim.lr
-    dim: int = 32  # channels (x1, x2, x4, x8 over its layers)
-    layers: int = 3  # strided layers (each halves T, H, W)
-
-
-@dataclasses.dataclass(frozen=True)
-class VAEStageConfig(StageConfig):
-    """Stage "vae": train settings + the reconstruction loss + the discriminator."""
-
-    variant: str = "demo"  # a key of klingjax.models.vae.VAE_VARIANTS
-    # A klingjax-train work dir whose trained VAE (and latent normalisation) this experiment uses instead of training
-    # one, e.g. to fine-tune a DiT trained there (the "vae" stage must then not run; variant/overrides must match).
-    from_workdir: str = ""
-    loss: VAELossConfig = VAELossConfig()
-    disc: DiscConfig = DiscConfig()
-
-
-@dataclasses.dataclass(frozen=True)
-class DiTStageConfig(StageConfig):
-    """Stage "dit": train settings + the rectified-flow objective on cached latents."""
-
-    variant: str = "XS"  # a key of klingjax.models.dit.DIT_VARIANTS
-    caption_dropout: float = 0.1
-    timestep_sampling: TimestepSampling = TimestepSampling.LOGIT_NORMAL
-    timestep_shift: float = 0.0  # 0: resolution-dependent shift
-    loss_weighting: LossWeighting = LossWeighting.NONE
-    # The masked-video task mixture: task name (klingjax.data.tasks.TASKS) -> weight, drawn per example.
-    # Empty: text-to-video only. Any other task needs model_overrides.conditions.masked_video on.
-    tasks: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    visual_dropout: float = 0.1  # P(an example's given positions are dropped: it trains as text-to-video)
-
-
-@dataclasses.dataclass(frozen=True)
 class SampleConfig:
     """Sampling for periodic samples and evaluation."""
 
@@ -222,13 +116,14 @@ class ExperimentConfig:
 
     name: str = "experiment"
     seed: int = 0
-    stages: tuple[str, ...] = STAGES
+    stages: tuple[str, ...] = DEFAULT_STAGES
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()
     text_max_len: int = 16
     text_encoder: str = "minilm"  # "minilm" (bundled) or a UMT5 folder (transformers layout / diffusers Wan root)
     vae: VAEStageConfig = VAEStageConfig()
     dit: DiTStageConfig = DiTStageConfig()
+    distill: DistillStageConfig = DistillStageConfig()
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
 
@@ -296,7 +191,7 @@ def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Expe
         lo_hi = getattr(d, key)
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
             raise ConfigError(f"config key 'data.{key}': expected (min, max) with 0 < min <= max, got {lo_hi}")
-    for name in ("vae", "dit"):
+    for name in ("vae", "dit", "distill"):
         s: StageConfig = getattr(exp, name)
         for key in ("batch_size", "steps", "log_every", "checkpoint_every"):
             if getattr(s, key) <= 0:
@@ -306,7 +201,8 @@ def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Expe
         if s.optim.lr <= 0:
             raise ConfigError(f"config key '{name}.optim.lr': must be positive, got {s.optim.lr}")
         _check_guard(name, s)
-        _check_trainable(name, s)
+        if name != "distill":
+            _check_trainable(name, s)
     if not 0.0 <= exp.dit.caption_dropout < 1.0:
         raise ConfigError(f"config key 'dit.caption_dropout': must be in [0, 1), got {exp.dit.caption_dropout}")
     _check_vae_losses(exp)
@@ -315,6 +211,7 @@ def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Expe
                           "list 'vae'")
     _check_model_overrides(exp)
     _check_tasks(exp)
+    _check_distill(exp)
     if exp.sample.num_steps < 1:
         raise ConfigError(f"config key 'sample.num_steps': must be >= 1, got {exp.sample.num_steps}")
     if exp.eval.fvd and exp.data.num_frames < 9:
@@ -414,6 +311,40 @@ def _check_tasks(exp: ExperimentConfig) -> None:
         raise ConfigError(f"config key 'dit.tasks': {sorted(visual)} give latents to the model, but "
                           "'dit.model_overrides.conditions.masked_video' is off: set it to 'per_token_timesteps' or "
                           "'channel_concat'")
+
+
+def _check_distill(exp: ExperimentConfig) -> None:
+    """The distill stage's keys (klingjax/train/distill.py), and samplers only a student can use."""
+    d, key = exp.distill, "distill"
+    if exp.sample.sampler is Sampler.FLOW_MAP:
+        raise ConfigError("config key 'sample.sampler': flow_map is the sampler of mean_flow students, which choose "
+                          "it themselves (klingjax-generate --student); a teacher samples with euler, heun, dpmpp_2m "
+                          "or unipc")
+    if d.variant or d.model_overrides:
+        raise ConfigError(f"config key '{key}.variant' / '{key}.model_overrides': the student has its teacher's "
+                          "architecture; leave them unset")
+    if d.trainable.mode is not TrainableMode.FULL:
+        raise ConfigError(f"config key '{key}.trainable.mode': the student trains in full, got "
+                          f"{d.trainable.mode.value}")
+    if not d.student_steps or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in d.student_steps):
+        raise ConfigError(f"config key '{key}.student_steps': step counts >= 1, got {list(d.student_steps)}")
+    if d.method is DistillMethod.TRAJECTORY:
+        if len(d.student_steps) != 1:
+            raise ConfigError(f"config key '{key}.student_steps': a trajectory student learns one step count, got "
+                              f"{list(d.student_steps)} (mean_flow learns several)")
+    if d.method is not DistillMethod.MEAN_FLOW and d.teacher_steps % max(d.student_steps):
+        raise ConfigError(f"config key '{key}.teacher_steps': {d.teacher_steps} must be a multiple of the finest "
+                          f"student_steps {max(d.student_steps)} (the teacher's grid nests the student's)")
+    if d.method is DistillMethod.SHORTCUT:
+        counts = sorted(d.student_steps)
+        if any(b != 2 * a for a, b in zip(counts, counts[1:])):
+            raise ConfigError(f"config key '{key}.student_steps': shortcut levels double (e.g. 1, 2, 4, 8: each "
+                              f"learns from two jumps of the next), got {list(d.student_steps)}")
+    for k in ("cfg_scale", "visual_cfg_scale", "adaptive_weight"):
+        if getattr(d, k) < 0:
+            raise ConfigError(f"config key '{key}.{k}': must be >= 0, got {getattr(d, k)}")
+    if not 0.0 <= d.instant_fraction <= 1.0:
+        raise ConfigError(f"config key '{key}.instant_fraction': a probability in [0, 1], got {d.instant_fraction}")
 
 
 # DiT fields the stage ties to the VAE (z_dim) and the text encoder (width): not overridable.

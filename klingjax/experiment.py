@@ -1,4 +1,4 @@
-"""Run an experiment's stages in order: data -> vae -> cache -> dit -> eval (each resumable and skippable).
+"""Run an experiment's stages in order: data -> vae -> cache -> dit [-> distill] -> eval (each resumable, skippable).
 
 The orchestration layer: it alone imports train, data_pipelines and eval together; only entry points
 (`klingjax.main`, tests) import it. Stage definitions live in `klingjax.train.stages`, file layout in
@@ -26,7 +26,7 @@ from klingjax.eval.evaluate import evaluate, load_eval_clips
 from klingjax.eval.generate import VideoGenerator, load_generator
 from klingjax.models.text_encoders import load_text_encoder
 from klingjax.sharding.mesh import make_mesh
-from klingjax.train import stages
+from klingjax.train import distill, stages
 from klingjax.train.loop import train_stage
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,15 +82,16 @@ def _vae_sampler(exp: ExperimentConfig, workdir: str):
     return on_sample
 
 
-def _dit_sampler(exp: ExperimentConfig, workdir: str, mesh, text_encoder):
-    """Periodic DiT samples: generate held-out captions with the EMA model; save mp4/gif/PNG grid."""
+def _dit_sampler(exp: ExperimentConfig, workdir: str, mesh, text_encoder, *, student: bool = False):
+    """Periodic DiT samples: generate held-out captions with the EMA model (`student`: the distill stage's, sampled
+    as a student); save mp4/gif/PNG grid."""
     _, captions, _ = load_eval_clips(exp, layout.data_dir(exp, workdir), exp.sample.num_samples)
 
     generator: list[VideoGenerator] = []  # built once, on the first call (the VAE is trained by then)
 
     def on_sample(model, step: int, out_dir: str) -> dict:
         if not generator:
-            generator.append(load_generator(exp, workdir, mesh, text_encoder=text_encoder, dit=model))
+            generator.append(load_generator(exp, workdir, mesh, text_encoder=text_encoder, dit=model, student=student))
         videos = generator[0](captions, jax.random.key(exp.seed + 2), batch_size=len(captions), dit=model)
         if jax.process_index() == 0:
             path = os.path.join(out_dir, "samples", f"step{step:06d}")
@@ -123,12 +124,21 @@ def run_dit(exp: ExperimentConfig, workdir: str, mesh) -> dict:
     return train_stage(spec, exp.dit, workdir=workdir, mesh=mesh, seed=exp.seed)
 
 
+def run_distill(exp: ExperimentConfig, workdir: str, mesh) -> dict:
+    text_encoder = load_text_encoder(exp.text_encoder)
+    null_ctx, null_mask = text_encoder.encode([""], exp.text_max_len)
+    spec = distill.distill_stage(exp, workdir, mesh, (np.asarray(null_ctx)[0], np.asarray(null_mask)[0]),
+                                 on_sample=_dit_sampler(exp, workdir, mesh, text_encoder, student=True))
+    cfg = dataclasses.replace(exp.distill, init_from=distill.teacher_dir(exp, workdir))  # the student starts as it
+    return train_stage(spec, cfg, workdir=workdir, mesh=mesh, seed=exp.seed)
+
+
 def run_eval(exp: ExperimentConfig, workdir: str, mesh) -> dict:
     gen = load_generator(exp, workdir, mesh)
     return evaluate(exp, gen, data_dir=layout.data_dir(exp, workdir), out_dir=workdir)
 
 
-_RUNNERS = {"vae": run_vae, "cache": run_cache, "dit": run_dit, "eval": run_eval}
+_RUNNERS = {"vae": run_vae, "cache": run_cache, "dit": run_dit, "distill": run_distill, "eval": run_eval}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ keep the given positions clean wherever the rectified flow x_t = (1 - t) x0 + t 
   * `apply_given`: overwrite the given positions of x with the clean latents;
   * `masked_flow_loss`: the model sees the clean latents at given positions, and the loss is the mean over the
     generated positions only (no gradient reaches the predictions at given positions);
-  * `masked_velocity` / `sample_masked`: every model evaluation of every solver (Euler, Heun, DPM++) sees the exact
+  * `masked_velocity` / `sample_masked`: every model evaluation of every solver (samplers.Sampler) sees the exact
     clean latents at the given positions, and the sample returned has them exactly.
 Masks are (B, t, h, w) bool, or float with >= 0.5 = given; latents (B, t, h, w, C). This module imports no model:
 `velocity_fn(x, t, *args)` closes over it (how the model is told which positions are given is its ConditionSpec).
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from klingjax.diffusion import losses, samplers
+from klingjax.diffusion.guidance import chained_guidance
 from klingjax.diffusion.samplers import VelocityFn
 
 
@@ -68,12 +69,12 @@ def masked_velocity(velocity_fn: VelocityFn, given: jax.Array, mask: jax.Array) 
     """`velocity_fn(x, t, *args)` that sees x with the given positions clean and returns velocity 0 there.
 
     Clean inputs make every model evaluation exact for any solver, whatever rounding does to the solver's state at
-    the given positions (Euler and Heun keep it bit-exact through velocity 0; DPM++'s data-prediction update keeps
-    it only up to rounding), and `sample_masked` overwrites them in the result.
+    the given positions (Euler, Heun and FLOW_MAP keep it bit-exact through velocity 0; the data-prediction updates of
+    DPM++ and UniPC keep it only up to rounding), and `sample_masked` overwrites them in the result.
     """
 
-    def fn(x, t, *args):
-        v = velocity_fn(apply_given(x, given, mask), t, *args)
+    def fn(x, t, *args, **kwargs):  # kwargs: e.g. the t_next of Sampler.FLOW_MAP
+        v = velocity_fn(apply_given(x, given, mask), t, *args, **kwargs)
         return jnp.where(_expand(mask, v), jnp.zeros((), v.dtype), v)
 
     return fn
@@ -94,3 +95,27 @@ def sample_masked(
     x = samplers.sample(masked_velocity(velocity_fn, given, mask), apply_given(noise, given, mask),
                         num_steps=num_steps, sampler=sampler, shift=shift, args=args)
     return apply_given(x, given, mask)
+
+
+def guided_velocity(model_fn, x: jax.Array, t: jax.Array, cond, uncond, text_scale, visual_scale=1.0,
+                    noise: jax.Array | None = None) -> jax.Array:
+    """The guided velocity of generation and of distillation teachers: `model_fn(x, t (B,), cond) -> v` with t the
+    flow time in [0, 1]; `cond` / `uncond` (the negative prompt) are `Conditions`-like pytrees with `.given` /
+    `.given_mask` fields.
+
+    Without a given mask: CFG, v_u + text_scale (v_c - v_u). With one (masked video): chained guidance full ->
+    negative prompt with the visual condition (text_scale) -> negative prompt without it (visual_scale), every
+    branch seeing its given positions clean; the branch without the visual condition sees them on the noise path
+    (1 - t) given + t noise (`noise`: the sample's starting noise), as training's visual dropout showed it those
+    clips. Branches of scale 1 are not evaluated (`guidance.chained_guidance`).
+    """
+    t = jnp.broadcast_to(t, (x.shape[0],))
+    if cond.given_mask is None:
+        return chained_guidance(model_fn, x, t, cond, [(uncond, text_scale)])
+    given, mask = cond.given, cond.given_mask
+    neg = uncond.replace(given=given, given_mask=mask)
+    bare = neg.replace(given_mask=jnp.zeros_like(mask))  # no visual condition: every position generated
+    tb = t.reshape(t.shape + (1,) * (x.ndim - 1))
+    x = apply_given(x, (1.0 - tb) * given + tb * noise, mask)
+    model = lambda x, t, c: model_fn(apply_given(x, c.given, c.given_mask), t, c)  # noqa: E731
+    return chained_guidance(model, x, t, cond, [(neg, text_scale), (bare, visual_scale)])

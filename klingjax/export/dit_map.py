@@ -186,6 +186,10 @@ def dit_to_diffusers_config(cfg: DiTConfig) -> dict[str, Any]:
     if cfg.conditions.camera.value != "off":
         raise UnsupportedConfigError("WanTransformer3DModel has no camera adapter; this DiT reads Conditions.camera "
                                      f"(conditions.camera={cfg.conditions.camera.value}): sample it with klingjax")
+    if cfg.conditions.flow_map:
+        raise UnsupportedConfigError("WanTransformer3DModel has no jump-length embedding; this DiT is a flow-map "
+                                     "(mean_flow) student (conditions.flow_map=True): sample it with klingjax, or "
+                                     "export a trajectory student (distill.method=trajectory), a plain Wan DiT")
     return {
         "_class_name": DIFFUSERS_CLASS,
         "_diffusers_version": DIFFUSERS_VERSION,

@@ -256,6 +256,11 @@ def export_checkpoint(checkpoint: str, out: str, *, step: int | None = None, ema
     summary = {"source": workdir, "params": prefix, "dtype": dtype, "max_shard_bytes": max_shard_bytes,
                "steps": {s: c.step for s, c in stages.items()}, "components": {}}
     try:
+        if "distill" in stages:  # a distilled student (its stage dir given): a trajectory student is a plain Wan DiT
+            if exp.distill.method.value != "trajectory":
+                raise ValueError(f"{checkpoint}: a {exp.distill.method.value} student has a jump-length embedding "
+                                 "diffusers' WanTransformer3DModel lacks; only trajectory students export")
+            stages["dit"] = stages.pop("distill")
         if "dit" in stages:
             summary["components"]["transformer"] = _export_dit(
                 exp, stages["dit"], os.path.join(tmp, "transformer"), prefix, DTYPES[dtype], max_shard_bytes,

@@ -174,7 +174,7 @@ def verify_export(out: str) -> dict[str, dict]:
     for stage, step in summary["steps"].items():
         _, (ckpt,) = find_checkpoints(os.path.join(workdir, stage), step)
         leaves = OrbaxLeaves(ckpt.state_dir)
-        if stage == "dit":
+        if stage in ("dit", "distill"):  # a distilled (trajectory) student is a Wan DiT too
             from klingjax.layout import dit_model_config
 
             cfg = dit_model_config(exp, summary["components"]["transformer"]["text_dim"])

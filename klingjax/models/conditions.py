@@ -37,6 +37,8 @@ class Conditions:
     camera: (B, t, 4) float camera path of each latent frame, (oy, ox, log_scale, roll) relative to frame 0
         (klingjax/data/synthetic/camera.py; a latent frame reads its last pixel frame's row). Needs
         `ConditionSpec.camera` on.
+    interval: (B,) float in [0, 1], the jump h = t - r of a flow-map (MeanFlow) student: it predicts the average
+        velocity from t to r = t - h (0 = the instantaneous velocity). Needs `ConditionSpec.flow_map` on.
     """
 
     text: jax.Array
@@ -45,6 +47,7 @@ class Conditions:
     given: jax.Array | None = None
     given_mask: jax.Array | None = None
     camera: jax.Array | None = None
+    interval: jax.Array | None = None
 
     def concat(self, other: Conditions) -> Conditions:
         """[self; other] along the batch (CFG batching); each field must be present in both or in neither."""
@@ -60,7 +63,8 @@ class Conditions:
 # Conditions field -> the ConditionSpec switch that must be on for a batch to carry it (None: every DiT reads it).
 # Each new Conditions field is registered here with its switch (e.g. "camera_frames": "camera").
 _FIELD_SWITCHES: dict[str, str | None] = {"text": None, "text_mask": None, "positions": None,
-                                          "given": "masked_video", "given_mask": "masked_video", "camera": "camera"}
+                                          "given": "masked_video", "given_mask": "masked_video", "camera": "camera",
+                                          "interval": "flow_map"}
 
 
 class MaskedVideo(enum.Enum):
@@ -106,6 +110,8 @@ class ConditionSpec:
         latents + mask (Wan 2.1 I2V, Open-Sora 2.0);
       * `camera` (camera control, see `CameraCondition`): a camera embedder + zero-initialised per-block adapters
         reading `Conditions.camera`, in every block or the first `camera_blocks`;
+      * `flow_map` (few-step students, train/distill.py): the jump length `Conditions.interval` of an
+        average-velocity (MeanFlow) model, through a zero-initialised embedding added to the time embedding;
     and later:
       * multi-shot: per-shot captions and a shot index per token (per-query cross-attention masks);
       * references: extra clean tokens with positions outside the clip (extra keys/values);
@@ -115,12 +121,17 @@ class ConditionSpec:
     masked_video: MaskedVideo = MaskedVideo.OFF
     camera: CameraCondition = CameraCondition.OFF
     camera_blocks: int = 2  # FIRST_BLOCKS: how many blocks read the camera
+    # A flow-map student (the distill stage's mean_flow method): `Conditions.interval` -> a zero-initialised
+    # embedding added to the time embedding (models/layers/adapters.py), so at init it is the model it starts from.
+    flow_map: bool = False
 
     def __post_init__(self):
         if not isinstance(self.masked_video, MaskedVideo):
             raise TypeError(f"ConditionSpec.masked_video must be a MaskedVideo, got {self.masked_video!r}")
         if not isinstance(self.camera, CameraCondition):
             raise TypeError(f"ConditionSpec.camera must be a CameraCondition, got {self.camera!r}")
+        if not isinstance(self.flow_map, bool):
+            raise TypeError(f"ConditionSpec.flow_map must be a bool, got {self.flow_map!r}")
         if self.camera_blocks < 1:
             raise ValueError(f"ConditionSpec.camera_blocks must be >= 1, got {self.camera_blocks}")
 
@@ -171,6 +182,8 @@ class ConditionSpec:
             if cond.positions.shape != want:
                 raise ValueError(f"Conditions.positions must be (B, N, 3) = {want}, got {cond.positions.shape}")
         self._validate_given(cond, b, latent_shape)
+        if cond.interval is not None and tuple(cond.interval.shape) != (b,):
+            raise ValueError(f"Conditions.interval must be (B,) = {(b,)}, got {tuple(cond.interval.shape)}")
         if cond.camera is not None:
             t = latent_shape[1] if latent_shape is not None else cond.camera.shape[1]
             if tuple(cond.camera.shape) != (b, t, 4):

@@ -50,6 +50,7 @@ from klingjax.models.dit_inputs import (
     joint_kv_mask,
     modulation_chunks,
 )
+from klingjax.models.layers.adapters import CameraEmbedder, CameraGate, IntervalEmbedder
 from klingjax.models.layers.attention import AttentionImpl, WanAttention, attention, dense, table_init
 from klingjax.models.layers.embeddings import ConditionEmbedder, PatchEmbed, check_patchable, unpatchify
 from klingjax.models.layers.lora import LoRAConfig, add_lora
@@ -61,7 +62,7 @@ from klingjax.sharding.rules import current_rules, shard
 ACT_BND = ("act_batch", "act_length", "act_embed")
 # Zero-initialised condition adapters (module names): a model with them can start from a checkpoint without them
 # (`init_from` keeps their init), since at init they leave the base model's output unchanged.
-ADAPTER_PARAMS = ("camera_embedder", "camera_proj", "camera_gate")
+ADAPTER_PARAMS = ("camera_embedder", "camera_proj", "camera_gate", "interval_embedder")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,26 +228,6 @@ def joint_attention(attn: WanAttention, x: jax.Array, text_kv: tuple[jax.Array, 
 # ---------------------------------------------------------------------------------------------------------
 
 
-class CameraGate(nnx.Variable):
-    """A block's fixed 0/1 factor on its camera adapter (FIRST_BLOCKS: 1 in the first blocks only); not trained."""
-
-
-class CameraEmbedder(nnx.Module):
-    """Per-latent-frame camera path (B, t, 4) -> (B, t, D): fixed per-dimension scales (px -> ~1, log scale and roll
-    -> ~1), then Linear -> SiLU -> Linear, shared by every block's adapter."""
-
-    SCALES = (0.25, 0.25, 5.0, 4.0)  # (oy, ox) px, log_scale, roll rad: typical clip-long values -> ~1
-
-    def __init__(self, dim: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.linear_1 = dense(4, dim, (None, "embed"), **kw)
-        self.linear_2 = dense(dim, dim, ("embed", "mlp"), **kw)
-
-    def __call__(self, camera: jax.Array) -> jax.Array:
-        x = camera.astype(jnp.float32) * jnp.asarray(self.SCALES, jnp.float32)
-        return self.linear_2(jax.nn.silu(self.linear_1(x)))
-
-
 class GELUProj(nnx.Module):
     """Linear then tanh-GELU (diffusers `GELU(approximate="tanh")`, param path `proj`)."""
 
@@ -397,6 +378,8 @@ class WanDiT(nnx.Module):
         if cfg.conditions.camera is CameraCondition.FIRST_BLOCKS:
             self.blocks.camera_gate[...] = (jnp.arange(cfg.num_layers) < cfg.conditions.camera_blocks).astype(
                 jnp.float32)
+        self.interval_embedder = (IntervalEmbedder(cfg.freq_dim, d, param_dtype=cfg.param_dtype, rngs=rngs)
+                                  if cfg.conditions.flow_map else None)
         if cfg.lora is not None:  # drawn last: the base params are those of the model without LoRA
             add_lora(self, cfg.lora, rngs)
 
@@ -442,7 +425,11 @@ class WanDiT(nnx.Module):
         signature.
         """
         cfg = self.cfg
-        temb, modulation, context = self.condition_embedder(timesteps, cond.text.astype(cfg.dtype))
+        jump = None
+        if self.interval_embedder is not None:  # a flow-map student; no interval given: the instantaneous velocity
+            interval = cond.interval if cond.interval is not None else jnp.zeros(timesteps.shape, jnp.float32)
+            jump = self.interval_embedder(interval)  # (B, D), 0 at init
+        temb, modulation, context = self.condition_embedder(timesteps, cond.text.astype(cfg.dtype), jump)
         clean_temb = clean_mod = tokens = None
         if cfg.conditions.masked_video is MaskedVideo.PER_TOKEN_TIMESTEPS and cond.given_mask is not None:
             # Only two timesteps exist per clip (t and 0), so the time MLP runs on those, not on every token.

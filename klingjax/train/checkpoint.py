@@ -42,7 +42,8 @@ from klingjax.train.state import state_shardings
 # TensorStore's status prefixes for files that cannot be read (truncated, missing, garbled); a shape mismatch has none.
 _IO_STATUS = re.compile(r"(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|UNKNOWN|INTERNAL|UNAVAILABLE): ")
 _SAVE_ARGS = ocp.SaveArgs(chunk_byte_size=256 * 2**20)  # at most 256 MiB per stored chunk
-STAGES = ("dit", "vae")
+WORKDIR_STAGES = ("dit", "vae")  # the models a work dir path stands for (export, restore): the teacher pipeline
+STAGES = WORKDIR_STAGES + ("distill",)  # stage directories a checkpoint path may name ("distill": a student DiT)
 
 
 class ArchitectureError(ValueError):
@@ -68,7 +69,7 @@ def describe_error(e: BaseException, limit: int = 300) -> str:
 class StageCheckpoint:
     """One stage's checkpoint at one step."""
 
-    stage: str  # "dit" | "vae"
+    stage: str  # "dit" | "vae" | "distill"
     directory: str  # <workdir>/<stage>/checkpoints
     step: int
 
@@ -132,9 +133,9 @@ def find_checkpoints(path: str, step: int | None = None) -> tuple[str, list[Stag
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
     if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "checkpoints")):
-        found = [s for s in STAGES if os.path.isdir(os.path.join(path, s, "checkpoints"))]
+        found = [s for s in WORKDIR_STAGES if os.path.isdir(os.path.join(path, s, "checkpoints"))]
         if not found:
-            raise FileNotFoundError(f"workdir {path} has no {' or '.join(STAGES)} checkpoints")
+            raise FileNotFoundError(f"workdir {path} has no {' or '.join(WORKDIR_STAGES)} checkpoints")
         picks = [_pick_step(s, os.path.join(path, s, "checkpoints"), step if s == "dit" else None) for s in found]
         return path, picks
     base = os.path.basename(path)

@@ -194,9 +194,13 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
     if spec.player:
         logging.info("%s: %s %s params, trains from step %d", spec.name, spec.player.name,
                      f"{param_count(st.state, 'disc'):,}", spec.player.start)
-    frozen = None
-    if spec.frozen:
-        frozen = jax.device_put(spec.frozen(), NamedSharding(mesh, PartitionSpec()))
+    frozen = frozen_shardings = None
+    if spec.frozen:  # replicated, except arrays that come sharded on this mesh (a teacher model) keep their sharding
+        frozen = spec.frozen()
+        replicated = NamedSharding(mesh, PartitionSpec())
+        frozen_shardings = jax.tree.map(
+            lambda a: a.sharding if isinstance(getattr(a, "sharding", None), NamedSharding) else replicated, frozen)
+        frozen = jax.device_put(frozen, frozen_shardings)
     extra = () if frozen is None else (frozen,)
 
     # --- Restore -----------------------------------------------------------------------------------
@@ -235,7 +239,7 @@ def train_stage(spec: StageSpec, cfg: StageConfig, *, workdir: str, mesh: jax.sh
                                      guard=step_guard.GuardConfig(spike_factor=cfg.loss_spike_factor),
                                      trainable=cfg.trainable)
         step_fn = compile_train_step(train_step, st.shardings, mesh, frozen=bool(extra),
-                                     frozen_param_shardings=st.frozen_shardings)
+                                     frozen_param_shardings=st.frozen_shardings, frozen_arg_shardings=frozen_shardings)
         if frozen_params is not None:
             extra = (*extra, frozen_params)
         local = next(data_iter)

@@ -120,11 +120,13 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def compile_train_step(train_step, state_shardings: nnx.State, mesh: jax.sharding.Mesh, *, frozen: bool = False,
-                       frozen_param_shardings: nnx.State | None = None):
-    """jax.jit with explicit in/out shardings and the state donated; `frozen`: a replicated 4th argument;
+                       frozen_param_shardings: nnx.State | None = None, frozen_arg_shardings: Any = None):
+    """jax.jit with explicit in/out shardings and the state donated; `frozen`: a 4th argument, replicated unless
+    `frozen_arg_shardings` gives its shardings (e.g. a distillation teacher sharded like its stage);
     `frozen_param_shardings`: the frozen params, a last argument (not donated)."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    in_shardings = (state_shardings, batch_sharding(mesh), replicated) + ((replicated,) if frozen else ())
+    frozen_in = (replicated if frozen_arg_shardings is None else frozen_arg_shardings,) if frozen else ()
+    in_shardings = (state_shardings, batch_sharding(mesh), replicated) + frozen_in
     if frozen_param_shardings is not None:
         in_shardings += (frozen_param_shardings,)
     return jax.jit(

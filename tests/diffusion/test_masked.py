@@ -77,7 +77,7 @@ def test_sampler_keeps_given_positions_exact_for_every_solver(sampler):
     x0, noise, mask, _ = _data()
     given = x0 * 0.3 + MU  # anything: what matters is that it is kept
 
-    def velocity(x, t, scale):
+    def velocity(x, t, scale, t_next=None):  # FLOW_MAP passes t_next: on this instantaneous velocity it is Euler
         m = masked.given_positions(mask)[..., None]  # (B, t, h, w, 1)
         drift = jnp.any(jnp.where(m, x != given, False))  # a given position that moved
         return exact_velocity(x, t) * scale + jnp.where(drift, jnp.nan, 0.0)
@@ -88,6 +88,18 @@ def test_sampler_keeps_given_positions_exact_for_every_solver(sampler):
     assert np.isfinite(out).all()
     m = np.asarray(mask)[..., None] & np.ones(SHAPE, bool)
     np.testing.assert_array_equal(out[m], np.asarray(given)[m])
-    plain = samplers.sample(lambda x, t, s: exact_velocity(x, t) * s, noise, num_steps=6, sampler=sampler,
+    plain = samplers.sample(lambda x, t, s, t_next=None: exact_velocity(x, t) * s, noise, num_steps=6, sampler=sampler,
                             shift=3.0, args=(jnp.float32(1.0),))
     np.testing.assert_allclose(out[~m], np.asarray(plain)[~m], rtol=1e-5, atol=1e-5)
+
+
+def test_flow_map_through_sample_masked_forwards_t_next_and_keeps_given_positions():
+    """One FLOW_MAP step with the exact average velocity (x - x0) / t of the point x0 (keyword t_next required):
+    the generated positions land on x0, the given ones stay exactly at `given`."""
+    x0, noise, mask, _ = _data()
+    given = x0 * 0.3 + MU
+    average = lambda x, t, *, t_next: (x - x0) / t + 0.0 * t_next  # noqa: E731  (TypeError without t_next)
+    out = np.asarray(masked.sample_masked(average, noise, given, mask, num_steps=1, sampler=samplers.Sampler.FLOW_MAP))
+    m = np.asarray(mask)[..., None] & np.ones(SHAPE, bool)
+    np.testing.assert_array_equal(out[m], np.asarray(given)[m])
+    np.testing.assert_allclose(out[~m], np.asarray(x0)[~m], rtol=1e-5, atol=1e-5)

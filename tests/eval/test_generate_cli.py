@@ -178,6 +178,34 @@ def test_num_frames_size_and_steps_build_a_generator_for_that_grid(workdir, tmp_
     assert calls[-1] == ((3, 8, 8, 8), 2)
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplerRecordingGenerator(ShapeOnlyGenerator):
+    """Records (num_steps, sampler) of each call."""
+
+    def __call__(self, captions, key, **kwargs):
+        self.calls.append((self.sample.num_steps, self.sample.sampler.value))
+        return _grey(self.latent_shape, len(captions))
+
+
+def _grey(latent_shape, n):
+    t, h, w, _ = latent_shape
+    return np.full((n, 1 + 4 * (t - 1), 4 * h, 4 * w, 3), 128, np.uint8)
+
+
+def test_preview_writes_a_few_step_clip_first_then_the_full_one(workdir, tmp_path):
+    """Without a student the preview is the teacher at --preview_steps with unipc; the full clip follows."""
+    calls = []
+    fake = SamplerRecordingGenerator((3, 8, 8, 8), SampleConfig(num_steps=25), calls)
+
+    def loader(_, student=False):
+        assert not student  # this work dir has no distilled student
+        return None, fake
+
+    out = _generate(workdir, loader, tmp_path / "x.mp4", "--preview", "--preview_steps", "3")
+    assert sorted(os.listdir(tmp_path)) == ["x.mp4", "x.preview.mp4"] and out == str(tmp_path / "x.mp4")
+    assert calls == [(3, "unipc"), (25, "euler")]
+
+
 def test_given_first_frame_comes_back(workdir, loader, inputs, tmp_path):
     """--image: output frame 0 is the VAE reconstruction of the image (the given latents stay exact); a text-only
     clip of the same seed is far from it. gif: mp4's 4:2:0 chroma alone costs ~8 dB on 32x32 frames."""
@@ -224,6 +252,10 @@ BAD = [
     (["--size", "20x32"], "--size 20x32 must be a multiple of 8x8"),
     (["--size", "big"], "--size 'big' must be HxW"),
     (["--steps", "0"], "--steps 0 must be >= 1"),
+    (["--student"], "--student: {workdir} has no distilled student"),
+    (["--student", "--cfg", "2", "--negative_prompt", "x"], "--cfg, --negative_prompt: a distilled student has its "
+                                                             "guidance folded in"),
+    (["--preview_steps", "0"], "--preview_steps 0 must be >= 1"),
     (["--video", "{clip}", "--extend", "1", "--fps", "0"], "--fps 0.0 must be > 0"),
 ]
 
@@ -233,7 +265,7 @@ def test_bad_inputs_name_the_flag_and_write_nothing(workdir, inputs, tmp_path, f
     out = tmp_path / "out.mp4"
     with pytest.raises(ValueError) as err:
         _generate(workdir, _fails_to_load, out, *[f.format(**inputs) for f in flags])
-    assert message.format(**inputs) in str(err.value)
+    assert message.format(**inputs, workdir=workdir) in str(err.value)
     assert not os.listdir(tmp_path)
 
 

@@ -14,6 +14,7 @@ import sys
 import time
 
 import helpers
+import jax
 import numpy as np
 import pytest
 
@@ -22,7 +23,9 @@ from klingjax.config import to_experiment
 from klingjax.eval.report import read_jsonl
 from klingjax.experiment import run_experiment
 
-OVERRIDES = {"vae.steps": 12, "dit.steps": 12, "vae.checkpoint_every": 3, "dit.checkpoint_every": 3}
+OVERRIDES = {"vae.steps": 12, "dit.steps": 12, "vae.checkpoint_every": 3, "dit.checkpoint_every": 3,
+             "distill.steps": 8, "distill.checkpoint_every": 2, "distill.batch_size": 8, "distill.log_every": 1,
+             "distill.method": "mean_flow", "distill.student_steps": (1, 2)}
 REPO = str(helpers.REPO)
 
 
@@ -47,7 +50,7 @@ def _per_step(path):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("reference"))
-    results = run_experiment(to_experiment(_config(("data", "vae", "cache", "dit", "eval"))), workdir)
+    results = run_experiment(to_experiment(_config(("data", "vae", "cache", "dit", "distill", "eval"))), workdir)
     return workdir, results
 
 
@@ -110,9 +113,49 @@ def test_sigkill_then_resume_matches_uninterrupted_run(reference, tmp_path, stag
             np.testing.assert_allclose(got[step][key], ref[step][key], rtol=1e-6, err_msg=f"{key} at step {step}")
 
 
+def test_distill_stage_stopped_midway_resumes_exactly_and_its_student_generates(reference, tmp_path):
+    """The mean_flow student of the multi-task teacher: 3 + 5 steps in two runs equal 8 in one (losses, data
+    order); the student then samples held-out captions and image-to-video requests with its own few-step solver."""
+    from klingjax.eval.generate import load_generator
+    from klingjax.sharding.mesh import make_mesh
+
+    ref_dir, _ = reference
+    workdir = str(tmp_path)
+    for name in ("data", "vae", "latents", "dit"):
+        shutil.copytree(os.path.join(ref_dir, name), os.path.join(workdir, name),
+                        ignore=shutil.ignore_patterns("samples"))
+    c = _config(("distill",))
+    c.distill.max_steps_per_run = 3
+    first = run_experiment(to_experiment(c), workdir)["distill"]
+    assert first["step"] == 3 and not first["finished"]
+    c.distill.max_steps_per_run = 0
+    exp = to_experiment(c)
+    assert run_experiment(exp, workdir)["distill"]["step"] == 8
+    ref = _per_step(os.path.join(ref_dir, "distill_metrics.jsonl"))
+    got = _per_step(os.path.join(workdir, "distill_metrics.jsonl"))
+    assert sorted(got) == sorted(ref) == list(range(1, 9))
+    for step in ref:
+        assert got[step]["data_fingerprint"] == ref[step]["data_fingerprint"], f"data order differs at step {step}"
+        np.testing.assert_allclose(got[step]["loss"], ref[step]["loss"], rtol=1e-6, err_msg=f"loss at step {step}")
+
+    gen = load_generator(exp, workdir, make_mesh(exp.mesh.sizes), student=True)
+    assert (gen.sample.sampler.value, gen.sample.num_steps, gen.sample.cfg_scale) == ("flow_map", 1, 1.0)
+    assert gen.dit.cfg.conditions.flow_map
+
+    # The step curves score the student on held-out captions, text-to-video and image-to-video (its i2v output
+    # frame 0 against the given frame): one step count here; the teacher's solvers are rows of the same kind.
+    from klingjax.eval.step_curves import step_curves
+
+    out = step_curves(workdir, str(tmp_path / "steps"), students=[workdir], steps=(2,), samplers=(), num_clips=2,
+                      fvd=False)
+    (row,) = out["rows"]
+    assert (row["model"], row["sampler"], row["steps"], row["nfe"]) == ("student:mean_flow", "flow_map", 2, 2)
+    assert 0.0 <= row["adherence_colour_acc"] <= 1.0 and row["i2v_first_frame_psnr"] > 0
+    assert os.path.getsize(tmp_path / "steps" / "step_curves.png") > 0
+
+
 def test_init_from_loads_params_and_starts_fresh(reference, tmp_path):
     """`dit.init_from` starts a new run from another run's EMA params (fresh optimiser, step 0)."""
-    import jax
     from flax import nnx
 
     from klingjax import layout
@@ -167,7 +210,6 @@ def _safetensors(folder):
 def test_lora_fine_tune_exports_and_merges(reference, tmp_path):
     """A LoRA fine-tune of the reference (its VAE, its frozen DiT, a new colour) exports the base's transformer + a
     PEFT LoRA file, and `klingjax-merge-lora` gives a plain work dir computing what base + factors compute."""
-    import jax
     import jax.numpy as jnp
 
     from klingjax import layout

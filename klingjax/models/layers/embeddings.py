@@ -151,12 +151,16 @@ class ConditionEmbedder(nnx.Module):
         self.time_proj = dense(dim, 6 * dim, ("embed", "mlp"), rngs=rngs, param_dtype=param_dtype)
         self.text_embedder = TextProjection(text_dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, timesteps: jax.Array, context: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        temb, modulation = self.embed_time(timesteps)
+    def __call__(self, timesteps: jax.Array, context: jax.Array,
+                 extra: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        temb, modulation = self.embed_time(timesteps, extra)
         return temb, modulation, self.text_embedder(context)
 
-    def embed_time(self, timesteps: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Timesteps (B,) -> temb (B, D), modulation (B, 6, D), both float32."""
+    def embed_time(self, timesteps: jax.Array, extra: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Timesteps (B,) -> temb (B, D), modulation (B, 6, D), both float32; `extra` (B, D) is added to temb before
+        the modulation projection (a flow-map student's jump-length embedding)."""
         temb = self.time_embedder(timestep_embedding(timesteps, self.freq_dim))  # (B, D) float32
+        if extra is not None:
+            temb = temb + extra.astype(temb.dtype)
         modulation = self.time_proj(jax.nn.silu(temb))  # (B, 6D)
         return temb, modulation.reshape(modulation.shape[0], 6, -1)  # (B, D), (B, 6, D)

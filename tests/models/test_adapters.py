@@ -1,5 +1,6 @@
-"""The camera condition's zero-initialised adapter: a camera model starts as its text-to-video base, FIRST_BLOCKS
-gates the later blocks off, and Conditions.camera is validated."""
+"""Zero-initialised condition adapters (models/layers/adapters.py): a camera model starts as its text-to-video base,
+FIRST_BLOCKS gates the later blocks off, Conditions.camera is validated; a flow-map student starts as its teacher for
+every jump length and then reads it."""
 
 from __future__ import annotations
 
@@ -46,3 +47,18 @@ def test_camera_is_validated():
         WanDiT(CFG, rngs=nnx.Rngs(0))(X, T, COND.replace(camera=CAMERA))
     with pytest.raises(ValueError, match="conditions.camera: 'sideways' is not one of"):
         ConditionSpec.from_config({"camera": "sideways"})
+
+
+def test_flow_map_student_starts_as_its_teacher_then_reads_the_jump_length():
+    base = WanDiT(CFG, rngs=nnx.Rngs(0))
+    student = WanDiT(dataclasses.replace(CFG, conditions=ConditionSpec(flow_map=True)), rngs=nnx.Rngs(0))
+    jump = jnp.array([0.5, 0.05])
+    np.testing.assert_array_equal(base(X, T, COND), student(X, T, COND.replace(interval=jump)))
+    student.interval_embedder.linear_2.kernel[...] = 0.1 * jax.random.normal(
+        jax.random.key(3), student.interval_embedder.linear_2.kernel.shape)
+    a, b = student(X, T, COND.replace(interval=jump)), student(X, T, COND.replace(interval=2 * jump))
+    assert float(jnp.abs(a - b).max()) > 1e-4  # other jumps, other outputs
+    with pytest.raises(ValueError, match=r"Conditions.interval must be \(B,\) = \(2,\)"):
+        student(X, T, COND.replace(interval=jump[:1]))
+    with pytest.raises(ValueError, match="ConditionSpec has flow_map=False"):
+        base(X, T, COND.replace(interval=jump))
