@@ -25,12 +25,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     parts = [p for p in (arg or "").split(",") if p]
     methods = [m.value for m in DistillMethod]
     if not parts or parts[0] not in methods:
-        raise ValueError(f"experiments/distill.py: the arg starts with the method, one of {methods}; got {arg!r}")
+        raise ValueError(f"experiments/distill.py: unknown arg {arg!r}; it starts with the method, one of {methods}")
     method, opts = parts[0], {}
     for p in parts[1:]:
         key, _, value = p.partition("=")
         if key not in ("steps", "iters", "runlocal") or (key != "runlocal") != bool(value):
-            raise ValueError(f"experiments/distill.py: unknown option {p!r}; use steps=N, iters=N or runlocal")
+            raise ValueError(f"experiments/distill.py: unknown arg option {p!r}; use steps=N, iters=N or runlocal")
         opts[key] = value
     runlocal = "runlocal" in opts
     c = demo.get_config("runlocal" if runlocal else None)

@@ -12,6 +12,8 @@ VARIANTS = {
     "ablation": [None, "runlocal"],
     "vae_recipe": [None, "demo", "runlocal"],
     "t2v_recipe": ["stage1", "stage2", "stage3", "stage1,runlocal", "stage2,runlocal", "stage3,runlocal"],
+    "distill": ["trajectory", "trajectory,steps=2", "shortcut", "mean_flow", "trajectory,runlocal",
+                "shortcut,runlocal"],
 }
 
 
@@ -23,7 +25,7 @@ def test_variants_validate_and_docstring_has_launch_command(name):
     runlocal = [e for arg, e in exps.items() if arg and "runlocal" in arg]
     assert runlocal
     for e in runlocal:  # tiny: few steps in every stage it trains, no I3D
-        assert all(getattr(e, s).steps <= 20 for s in ("vae", "dit") if s in e.stages)
+        assert all(getattr(e, s).steps <= 20 for s in ("vae", "dit", "distill") if s in e.stages)
         assert "eval" not in e.stages or not e.eval.fvd
     with pytest.raises(ValueError, match="unknown arg"):
         module.get_config("no_such_variant")
