@@ -39,7 +39,7 @@ from klingjax.sharding.mesh import make_mesh
 DEFAULT_STEPS = (1, 2, 4, 8, 16, 25, 50)
 DEFAULT_SAMPLERS = ("euler", "heun", "dpmpp_2m", "unipc")
 PLOTTED = ("adherence_all_acc", "adherence_colour_acc", "adherence_shape_acc", "adherence_direction_acc",
-           "adherence_count_acc", "fvd")
+           "adherence_count_acc", "adherence_camera_acc", "fvd", "i2v_first_frame_psnr")
 
 
 def evaluations(sampler: Sampler, steps: int, guided: bool) -> int:
@@ -122,7 +122,7 @@ def step_curves(workdir: str, out_dir: str, *, students: Sequence[str] = (), ste
 def markdown(result: dict) -> str:
     """The rows as a markdown table (accuracies in %)."""
     rows = result["rows"]
-    keys = [k for k in PLOTTED + ("adherence_camera_acc", "i2v_first_frame_psnr") if any(k in r for r in rows)]
+    keys = [k for k in PLOTTED if any(k in r for r in rows)]
     head = ["model", "sampler", "steps", "nfe", "s/clip"] + [k.replace("adherence_", "").replace("_acc", "")
                                                              for k in keys]
     lines = [f"# Step curves ({result['num_clips']} held-out captions, teacher cfg {result['teacher_cfg']})", "",
