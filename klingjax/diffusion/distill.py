@@ -34,7 +34,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from klingjax.diffusion.schedules import sampling_timesteps
+from klingjax.diffusion.schedules import sampling_timesteps, time_shift
 
 
 class DistillMethod(enum.Enum):
@@ -89,8 +89,7 @@ def trajectory_target(velocity_fn: Callable[..., jax.Array], x_t: jax.Array, tim
 
 def grid_point(j: jax.Array, n: jax.Array, shift: float) -> jax.Array:
     """`sampling_timesteps(n, shift)[j]` per example: j, n (B,) int."""
-    u = 1.0 - j.astype(jnp.float32) / n.astype(jnp.float32)
-    return shift * u / (1.0 + (shift - 1.0) * u)
+    return time_shift(1.0 - j.astype(jnp.float32) / n.astype(jnp.float32), shift)
 
 
 def shortcut_times(key: jax.Array, batch: int, counts: tuple[int, ...],
@@ -124,7 +123,7 @@ def mean_flow_times(key: jax.Array, batch: int, student_steps: tuple[int, ...], 
     i = jnp.floor(jax.random.uniform(k_i, (batch,)) * n).astype(jnp.int32)  # step index in [0, n)
     t_jump, r_jump = grid_point(i, n, shift), grid_point(i + 1, n, shift)
     u = jax.random.uniform(k_t, (batch,), minval=1e-3, maxval=1.0)
-    t_inst = shift * u / (1.0 + (shift - 1.0) * u)
+    t_inst = time_shift(u, shift)
     instant = jax.random.uniform(k_inst, (batch,)) < instant_fraction
     return jnp.where(instant, t_inst, t_jump), jnp.where(instant, t_inst, r_jump)
 
