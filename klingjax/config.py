@@ -29,6 +29,7 @@ from klingjax.config_stages import (  # noqa: F401 - the stage sections are part
     VAEStageConfig,
 )
 from klingjax.data.synthetic.camera import MOVES as CAMERA_MOVES
+from klingjax.data.synthetic.spec import MOTIONS
 from klingjax.data.tasks import TASKS
 from klingjax.diffusion.distill import DistillMethod
 from klingjax.diffusion.samplers import Sampler
@@ -82,6 +83,7 @@ class DataConfig:
     camera_moves: tuple[str, ...] = ()
     camera_words: bool = True
     camera_world_texture: bool = False  # one fixed background texture per background colour (SyntheticSpec)
+    motion: str = "straight"  # "straight" | "bounce": sprites reflect off the frame edges (long-video training)
     # Colours added to the synthetic palette, name -> (r, g, b) 0-255: a concept a base model never saw (fine-tuning).
     extra_colours: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -187,6 +189,8 @@ def to_experiment(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Expe
                                                                         for c in rgb)):
             raise ConfigError(f"config key 'data.extra_colours.{name}': expected (r, g, b) integers in 0-255, got "
                               f"{rgb!r}")
+    if d.motion not in MOTIONS:
+        raise ConfigError(f"config key 'data.motion': one of {MOTIONS}, got {d.motion!r}")
     for key in ("sprite_size", "speed_range"):
         lo_hi = getattr(d, key)
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
@@ -307,6 +311,12 @@ def _check_tasks(exp: ExperimentConfig) -> None:
         raise ConfigError(f"config key 'dit.visual_dropout': must be in [0, 1), got {d.visual_dropout}")
     visual = [n for n, w in d.tasks.items() if w > 0 and n != "t2v"]
     mode = dict(d.model_overrides.get("conditions", {}) or {}).get("masked_video", "off")
+    if not 0.0 <= d.context_noise < 1.0:
+        raise ConfigError(f"config key 'dit.context_noise': must be in [0, 1), got {d.context_noise}")
+    if d.context_noise > 0 and getattr(mode, "value", mode) != "per_token_timesteps":
+        raise ConfigError("config key 'dit.context_noise': noisy given latents need "
+                          "'dit.model_overrides.conditions.masked_video' = 'per_token_timesteps' (the given tokens' "
+                          f"timestep carries their noise level), got {getattr(mode, 'value', mode)!r}")
     if visual and getattr(mode, "value", mode) == "off":
         raise ConfigError(f"config key 'dit.tasks': {sorted(visual)} give latents to the model, but "
                           "'dit.model_overrides.conditions.masked_video' is off: set it to 'per_token_timesteps' or "

@@ -129,6 +129,10 @@ class DiTStageConfig(StageConfig):
     # Empty: text-to-video only. Any other task needs model_overrides.conditions.masked_video on.
     tasks: Mapping[str, float] = dataclasses.field(default_factory=dict)
     visual_dropout: float = 0.1  # P(an example's given positions are dropped: it trains as text-to-video)
+    # Noise augmentation of the given latents (anti-drift for long rollouts, SkyReels-V2 / CausVid style): each example
+    # re-noises its given positions to a level s ~ U(0, context_noise) and tells the model (Conditions.given_time);
+    # generation may then re-noise its context (klingjax-generate --context_noise). 0: clean given latents.
+    context_noise: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,7 +46,8 @@ def run_data(exp: ExperimentConfig, workdir: str) -> dict:
                              heldout_fraction=d.heldout_fraction, size_range=tuple(d.sprite_size),
                              speed_range=tuple(d.speed_range), colours=colours, p_camera_move=d.p_camera_move,
                              p_two_moves=d.p_two_moves, camera_moves=tuple(d.camera_moves),
-                             camera_words=d.camera_words, camera_world_texture=d.camera_world_texture)
+                             camera_words=d.camera_words, camera_world_texture=d.camera_world_texture,
+                             motion=d.motion)
         write_synthetic_dataset(out, spec, exp.seed, d.num_train, d.num_eval, d.num_shards)
     multihost_utils.sync_global_devices("synthetic_data_written")
     return {"data_dir": out}

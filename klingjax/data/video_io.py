@@ -53,31 +53,64 @@ def default_codec() -> str:
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
+class Mp4Writer:
+    """uint8 RGB frames -> an H.264 (or MPEG-4) yuv420p mp4, written chunk by chunk: memory does not grow with the
+    clip's length (a minutes-long rollout streams through it). `file`: a path or a writable binary file object.
+
+        with Mp4Writer("out.mp4", fps=8) as w:
+            for chunk in chunks:  # uint8 (n, H, W, 3), the same H, W every time
+                w.write(chunk)
+    """
+
+    def __init__(self, file, fps: float, *, codec: str | None = None, crf: int = 18):
+        self._container = av.open(file, mode="w", format="mp4")
+        self._codec, self._crf, self._fps = codec or default_codec(), crf, fps
+        self._stream = None
+        self.num_frames = 0
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append uint8 (n, H, W, 3) frames (odd H or W are padded by edge repeat; yuv420p needs even sizes)."""
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"expected uint8 (T, H, W, 3) frames, got {frames.dtype} {frames.shape}")
+        pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+        if pad_h or pad_w:
+            frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        if self._stream is None:
+            self._stream = self._container.add_stream(self._codec, rate=Fraction(self._fps).limit_denominator(1001))
+            self._stream.width, self._stream.height = frames.shape[2], frames.shape[1]
+            self._stream.pix_fmt = "yuv420p"
+            if self._codec == "libx264":
+                self._stream.options = {"crf": str(self._crf), "preset": "veryfast"}
+            else:
+                self._stream.bit_rate = 8_000_000  # mpeg4 has no crf; a high rate keeps tiny clips near lossless
+        elif (frames.shape[2], frames.shape[1]) != (self._stream.width, self._stream.height):
+            raise ValueError(f"frames of {frames.shape[1]}x{frames.shape[2]} after frames of "
+                             f"{self._stream.height}x{self._stream.width}")
+        for frame in frames:
+            for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                self._container.mux(packet)
+        self.num_frames += len(frames)
+
+    def close(self) -> None:
+        """Flush the encoder's delayed frames and finish the file."""
+        if self._stream is not None:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+        self._container.close()
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def encode_mp4(frames: np.ndarray, fps: float, *, codec: str | None = None, crf: int = 18) -> bytes:
     """uint8 (T, H, W, 3) RGB frames -> mp4 file bytes (yuv420p; odd H or W are padded by edge repeat)."""
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"expected uint8 (T, H, W, 3) frames, got {frames.dtype} {frames.shape}")
-    # yuv420p needs even sizes: pad by repeating the last row / column.
-    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
-    if pad_h or pad_w:
-        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    codec = codec or default_codec()
-    rate = Fraction(fps).limit_denominator(1001)
     buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        if codec == "libx264":
-            stream.options = {"crf": str(crf), "preset": "veryfast"}
-        else:
-            stream.bit_rate = 8_000_000  # mpeg4 has no crf; a high rate keeps tiny clips near lossless
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():  # flush delayed frames
-            container.mux(packet)
+    with Mp4Writer(buffer, fps, codec=codec, crf=crf) as writer:
+        writer.write(frames)
     return buffer.getvalue()
 
 

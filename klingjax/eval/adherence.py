@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from klingjax.data.synthetic import DIRECTION_VECTORS, SyntheticSpec, rasterize, sprite_height
+from klingjax.data.synthetic.sprites import CENTROID_Y, centroid_offset
 
 _FG_DISTANCE = 40.0  # RGB distance from the background that marks a pixel as foreground
 _MIN_COMPONENT = 3  # px; smaller foreground specks are noise
@@ -31,7 +32,6 @@ _MIN_OBJECT_FRACTION = 0.5  # ... and at least this fraction of the smallest spr
 # fringe at a moving edge (cyan -> a blue rim, yellow -> a red one, 7-15 px next to a 35+ px sprite) is not an object
 # Per shape, with bbox width `size`: area / size^2, centroid y / bbox height, per-axis variance / size^2.
 _AREA_PER_SIZE2 = {"circle": np.pi / 4, "square": 1.0, "triangle": np.sqrt(3) / 4}
-_CENTROID_Y = {"circle": 0.5, "square": 0.5, "triangle": 2 / 3}
 _VAR_PER_SIZE2 = {"circle": 1 / 16, "square": 1 / 12, "triangle": 1 / 24}
 _MIN_MOVE_PX = 0.5  # total object displacement below which it has no direction
 _MIN_PAN_PX = 1.0  # total background shift over the clip below which the camera is static
@@ -64,7 +64,7 @@ def _template_error(shape: str, alpha: np.ndarray, centroid: np.ndarray) -> floa
     area = np.maximum(alpha.sum((1, 2)), 1e-6)  # (F,)
     size = float(np.sqrt(np.median(area) / _AREA_PER_SIZE2[shape]))  # bbox width; constant within a clip
     h = sprite_height(shape, size)
-    top_left = np.stack([centroid[:, 0] - _CENTROID_Y[shape] * h, centroid[:, 1] - 0.5 * size], -1)  # (F, 2)
+    top_left = np.stack([centroid[:, 0] - CENTROID_Y[shape] * h, centroid[:, 1] - 0.5 * size], -1)  # (F, 2)
     ys = np.arange(alpha.shape[1]) + 0.5
     xs = np.arange(alpha.shape[2]) + 0.5
     var_y = (alpha.sum(2) * (ys[None] - centroid[:, :1]) ** 2).sum(1) / area  # (F,)
@@ -206,7 +206,7 @@ def track(frames: np.ndarray, spec: SyntheticSpec) -> dict[str, np.ndarray]:
 def meta_centroids(obj: dict, num_frames: int) -> np.ndarray:
     """True centroid (num_frames, 2) (y, x) in px of a ground-truth object (`meta["objects"][i]`) per frame."""
     size = obj["size"]
-    offset = np.array([_CENTROID_Y[obj["shape"]] * sprite_height(obj["shape"], size), 0.5 * size])
+    offset = centroid_offset(obj["shape"], size)
     t = np.arange(num_frames, dtype=np.float64)[:, None]
     return np.asarray(obj["start"]) + t * np.asarray(obj["screen_velocity"]) + offset  # (T, 2)
 

@@ -57,7 +57,8 @@ class VideoGenerator:
     def __call__(self, captions: Sequence[str], key: jax.Array, *, batch_size: int = 16,
                  negative_prompt: str | None = None, dit: nnx.Module | None = None, given: np.ndarray | None = None,
                  given_mask: np.ndarray | None = None, text_scale: float | None = None,
-                 visual_scale: float | None = None, camera: np.ndarray | None = None) -> np.ndarray:
+                 visual_scale: float | None = None, camera: np.ndarray | None = None,
+                 context_noise: float = 0.0) -> np.ndarray:
         """Generate one clip per caption (batched); the same key and inputs give the same clips.
 
         given: (N, t, h, w, C) normalised latents (`encode` / `encode_frames`), given_mask: (N, t, h, w) bool, True =
@@ -65,6 +66,9 @@ class VideoGenerator:
         `cfg_scale` / `visual_cfg_scale`. `dit` swaps in other params of the same architecture (e.g. the EMA model
         during training) without recompiling: params are arguments of the compiled sampler. camera: (N, t, 4) camera
         path per latent frame (`Conditions.camera`), for a DiT with a camera adapter (None: a static camera).
+        context_noise: s > 0 re-noises the given latents to (1 - s) given + s e and tells the DiT their level
+        (`Conditions.given_time`; a model trained with `dit.context_noise`), an anti-drift measure of long rollouts
+        (klingjax/eval/rollout.py); the clean given latents are put back before decoding.
         """
         neg = self.sample.negative_prompt if negative_prompt is None else negative_prompt
         scales = (float(self.sample.cfg_scale if text_scale is None else text_scale),
@@ -79,6 +83,12 @@ class VideoGenerator:
             if tuple(given.shape) != want or tuple(given_mask.shape) != want[:4]:
                 raise ValueError(f"given latents must be {want} and given_mask {want[:4]}; got "
                                  f"{tuple(given.shape)} and {tuple(given_mask.shape)}")
+        if not 0.0 <= context_noise < 1.0:
+            raise ValueError(f"context_noise {context_noise} must be in [0, 1)")
+        if context_noise > 0 and (given is None or
+                                  self.dit.cfg.conditions.masked_video is not MaskedVideo.PER_TOKEN_TIMESTEPS):
+            raise ValueError("context_noise re-noises given latents: it needs given latents and a DiT with "
+                             "conditions.masked_video=per_token_timesteps (trained with dit.context_noise)")
         if camera is not None:
             if self.dit.cfg.conditions.camera is CameraCondition.OFF:
                 raise ValueError("this DiT has no camera adapter (conditions.camera=off): it takes camera moves as "
@@ -101,6 +111,11 @@ class VideoGenerator:
             visual = None
             if given is not None:
                 visual = tuple(jnp.asarray(_pad(a[start:start + batch_size], batch_size)) for a in (given, given_mask))
+            if context_noise > 0:  # (noisy given, mask, clean given); the DiT told the level
+                level = jnp.full((batch_size,), context_noise, jnp.float32)
+                cond, uncond = cond.replace(given_time=level), uncond.replace(given_time=level)
+                e = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, start), 1), noise.shape)
+                visual = ((1.0 - context_noise) * visual[0] + context_noise * e, visual[1], visual[0])
             videos = self._fn(dit_state, nnx.state(self.vae), cond, uncond, noise, visual, scales=scales)
             # The batch may span other processes' devices: gather it (a collective every process joins).
             out.append(np.asarray(multihost_utils.process_allgather(videos, tiled=True))[:n])
@@ -191,8 +206,10 @@ def _make_sample_fn(gen: VideoGenerator):
             z = samplers.sample(velocity, noise, num_steps=cfg.num_steps, sampler=cfg.sampler, shift=shift,
                                 args=(dit_state,))
         else:
-            z = masked.sample_masked(velocity, noise, *visual, num_steps=cfg.num_steps, sampler=cfg.sampler,
+            z = masked.sample_masked(velocity, noise, *visual[:2], num_steps=cfg.num_steps, sampler=cfg.sampler,
                                      shift=shift, args=(dit_state,))
+            if len(visual) == 3:  # re-noised given latents: decode the clean ones
+                z = masked.apply_given(z, visual[2], visual[1])
         z = z * std + mean  # back to the VAE's latent scale
         return _to_uint8(vae.decode_streaming(z))  # (B, T, H, W, 3); constant memory in T
 

@@ -4,6 +4,8 @@
     klingjax-generate --checkpoint workdirs/kling --prompt "..." --image first.png [--last_image last.png] --out i2v.mp4
     klingjax-generate --checkpoint workdirs/kling --prompt "..." --keyframe 0:a.png --keyframe 8:b.png --out k.gif
     klingjax-generate --checkpoint workdirs/kling --prompt "..." --video clip.mp4 --extend 2 [--prepend 2] --out x.mp4
+    klingjax-generate --checkpoint workdirs/long_video --prompt "..." --duration 120 --context_noise 0.05 --out 2m.mp4
+    klingjax-generate --checkpoint workdirs/long_video --prompt "..." --video clip.mp4 --extend 5 --times 24 --out x.mp4
     klingjax-generate --checkpoint workdirs/kling --prompt "..." --video clip.mp4 --mask mask.png --out inpaint.mp4
     klingjax-generate --checkpoint workdirs/kling --prompt "..." --image a.png --outpaint 8,0,8,0 --out wide.mp4
     klingjax-generate --checkpoint workdirs/camera --prompt "..." --camera pan_left:0.5,zoom_in:0.02 --out cam.mp4
@@ -21,9 +23,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from absl import logging
@@ -31,6 +32,7 @@ from absl import logging
 from klingjax import layout
 from klingjax.diffusion.samplers import Sampler
 from klingjax.eval import conditioning as cond
+from klingjax.eval import media, rollout
 from klingjax.eval.generate_requests import (  # noqa: F401 - re-exported: the CLI's input API
     WRITERS,
     Request,
@@ -70,16 +72,6 @@ def _run_clip(gen, req: Request, sample: Sample) -> np.ndarray:
     return sample(gen.encode(req.pixels[None], batch_size=1), req.given, 0)  # the clip encoded whole
 
 
-def _run_extend(gen, req: Request, sample: Sample) -> np.ndarray:
-    """Chunks forwards: the last context frames so far, encoded whole (causal), are each chunk's prefix."""
-    k, need = req.context, req.geom.context_pixels(req.context)
-    video = req.pixels
-    for i, n in enumerate(req.chunks):
-        z = gen.encode(video[None, -need:], batch_size=1)  # (1, k, h, w, C)
-        out = sample(_given(gen, z, range(k)), cond.frames_given(req.geom, range(k)), i)
-        video = np.concatenate([video, out[need:need + n]])
-        logging.info("--extend: chunk %d/%d, %d frames", i + 1, len(req.chunks), len(video))
-    return video
 
 
 def _run_prepend(gen, req: Request, sample: Sample) -> np.ndarray:
@@ -95,12 +87,12 @@ def _run_prepend(gen, req: Request, sample: Sample) -> np.ndarray:
     return video
 
 
-RUNNERS = {"text": _run_text, "frames": _run_frames, "clip": _run_clip, "extend": _run_extend,
-           "prepend": _run_prepend}
+RUNNERS = {"text": _run_text, "frames": _run_frames, "clip": _run_clip, "prepend": _run_prepend}
 
 
-def generate(gen, req: Request, args: argparse.Namespace) -> np.ndarray:
-    """The clip of `req` (uint8 (T', H, W, 3)) with a loaded VideoGenerator, reshaped to the request's grid."""
+def generate(gen, req: Request, args: argparse.Namespace) -> Iterator[np.ndarray]:
+    """The clip of `req` with a loaded VideoGenerator (reshaped to the request's grid), as uint8 (n, H, W, 3) chunks
+    in order: one for a single sample, chunk after chunk for a rollout (--extend, --duration: constant memory)."""
     import jax
 
     shape = (*req.geom.latent, gen.latent_shape[-1])
@@ -108,31 +100,43 @@ def generate(gen, req: Request, args: argparse.Namespace) -> np.ndarray:
     if gen.latent_shape != shape or gen.sample.num_steps != steps:  # a new sampler for this grid / step count
         gen = dataclasses.replace(gen, latent_shape=shape, sample=dataclasses.replace(gen.sample, num_steps=steps))
     key = jax.random.key(args.seed)
+    kwargs = dict(negative_prompt=args.negative_prompt, text_scale=args.cfg, visual_scale=args.visual_cfg)
+    if req.mode in ("extend", "long"):
+        total = req.total if req.mode == "long" else len(req.pixels) + sum(req.chunks)
+        start = None if req.pixels is None else req.pixels[None]
+        config = rollout.RolloutConfig(context=req.context, context_noise=args.context_noise, anchor=args.anchor)
+        for frames, _ in rollout.rollout(gen, [args.prompt], key, total, start=start, config=config, fps=req.fps,
+                                         **kwargs):
+            yield frames[0]
+        return
 
     def sample(given, mask, chunk):
-        return gen([args.prompt], jax.random.fold_in(key, chunk), batch_size=1, negative_prompt=args.negative_prompt,
-                   given=given, given_mask=None if mask is None else mask[None], text_scale=args.cfg,
-                   visual_scale=args.visual_cfg, camera=None if req.camera is None else req.camera[None])[0]
+        return gen([args.prompt], jax.random.fold_in(key, chunk), batch_size=1, given=given,
+                   given_mask=None if mask is None else mask[None],
+                   camera=None if req.camera is None else req.camera[None], **kwargs)[0]
 
-    return RUNNERS[req.mode](gen, req, sample)
+    yield RUNNERS[req.mode](gen, req, sample)
+
+
+def write_chunks(path: str, chunks: Iterator[np.ndarray], fps: float) -> int:
+    """Write a clip arriving in chunks: an mp4 streams (memory constant in its length), a gif is collected first.
+    The file appears atomically when the last chunk is in; returns the frame count."""
+    if os.path.splitext(path)[1].lower() == ".mp4":
+        count = 0
+        with media.mp4_stream(path, fps) as write:
+            for frames in chunks:
+                write(frames)
+                count += len(frames)
+        return count
+    frames = np.concatenate(list(chunks))
+    write_atomic(path, frames, fps)
+    return len(frames)
 
 
 def write_atomic(path: str, frames: np.ndarray, fps: float) -> None:
     """Write the clip to a temporary file next to `path`, then rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1].lower()
-    fd, tmp = tempfile.mkstemp(suffix=suffix, prefix="." + os.path.basename(path) + ".", dir=folder)
-    os.close(fd)
-    try:
-        WRITERS[suffix](tmp, frames, fps)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what a plain open() would have made
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with media.atomic_path(path) as tmp:
+        WRITERS[os.path.splitext(path)[1].lower()](tmp, frames, fps)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -154,7 +158,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--video", help="input clip for --extend / --prepend / --mask / --outpaint")
     p.add_argument("--extend", type=float, help="seconds to add after --video")
     p.add_argument("--prepend", type=float, help="seconds to add before --video")
-    p.add_argument("--context_frames", type=int, help="latent frames given per extension chunk (default 1)")
+    p.add_argument("--times", type=int, help="repeat --extend this many times (e.g. --extend 5 --times 24: 2 more "
+                   "minutes), streamed chunk by chunk into the mp4")
+    p.add_argument("--duration", type=float, help="seconds of a long video from text (or --image), generated chunk "
+                   "by chunk, each extending the last (klingjax/eval/rollout.py)")
+    p.add_argument("--context_frames", type=int, help="latent frames given per extension chunk (default 1 for "
+                   "--extend / --prepend, 2 for --duration)")
+    p.add_argument("--context_noise", type=float, default=0.0, help="anti-drift: re-noise each chunk's context "
+                   "latents to this level (a model trained with dit.context_noise; e.g. 0.05)")
+    p.add_argument("--anchor", choices=rollout.ANCHORS, default="none", help="anti-drift: 'colour' matches each "
+                   "chunk's colour statistics to the first chunk's")
     p.add_argument("--mask", help="mask.png (every frame) or mask.mp4 (per frame); white = regenerate")
     p.add_argument("--outpaint", metavar="L,T,R,B", help="pixel borders to generate around --video / --image")
     p.add_argument("--camera", metavar="MOVE:VALUE,...", help="camera moves for a DiT with a camera adapter: "
@@ -204,20 +217,19 @@ def main(argv: Sequence[str] | None = None, *, loader: Callable | None = None) -
         start = time.time()
         if has_student:
             _, gen = loader(args.checkpoint, student=True)
-            frames = generate(gen, req, _student_args(args))
+            chunks = generate(gen, req, _student_args(args))
         else:
             _, gen = loader(args.checkpoint)
             gen = dataclasses.replace(gen, sample=dataclasses.replace(gen.sample, sampler=Sampler.UNIPC))
-            frames = generate(gen, req, _with(args, steps=args.preview_steps))
-        write_atomic(preview_path(args.out), frames, req.fps)
+            chunks = generate(gen, req, _with(args, steps=args.preview_steps))
+        write_chunks(preview_path(args.out), chunks, req.fps)
         logging.info("klingjax-generate: preview (%s) in %.1fs: %s", "student" if has_student else
                      f"teacher, {args.preview_steps} unipc steps", time.time() - start, preview_path(args.out))
     start = time.time()
     _, gen = loader(args.checkpoint, student=True) if args.student else loader(args.checkpoint)
-    frames = generate(gen, req, args)
-    write_atomic(args.out, frames, req.fps)
-    logging.info("klingjax-generate: wrote %d frames of %dx%d to %s in %.1fs", *frames.shape[:3], args.out,
-                 time.time() - start)
+    count = write_chunks(args.out, generate(gen, req, args), req.fps)
+    logging.info("klingjax-generate: wrote %d frames of %dx%d to %s in %.1fs", count, req.geom.height,
+                 req.geom.width, args.out, time.time() - start)
     return args.out
 
 

@@ -31,7 +31,8 @@ class Request:
 
     mode: "text" | "frames" (images given at latent frames `frames`, encoded alone) | "clip" (a clip encoded whole,
     `given` positions kept: inpaint / outpaint) | "extend" | "prepend" (chunks of new frames, `chunks` per chunk,
-    around `pixels`, the whole input video).
+    around `pixels`, the whole input video) | "long" (--duration: a rollout of `total` frames from text, or from
+    --image in `pixels`).
     """
 
     mode: str
@@ -43,6 +44,7 @@ class Request:
     context: int = 1  # latent frames given per extension chunk
     chunks: tuple[int, ...] = ()
     camera: np.ndarray | None = None  # (t, 4) camera path per latent frame (--camera / --camera_path)
+    total: int = 0  # mode "long" (--duration): frames of the whole video, from text or from --image (`pixels`)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -113,6 +115,13 @@ def check_flags(args: argparse.Namespace) -> None:
     """Conflicting or incomplete flag combinations -> ValueError naming them."""
     if os.path.splitext(args.out)[1].lower() not in WRITERS:
         raise ValueError(f"--out {args.out} must end in {' or '.join(WRITERS)}")
+    if args.duration is not None:
+        if not args.duration > 0:
+            raise ValueError(f"--duration {args.duration} must be > 0 seconds")
+        if clash := [f"--{n}" for n in ("video", "last_image", "keyframe", "outpaint", "camera", "camera_path")
+                     if getattr(args, n) not in (None, [])]:
+            raise ValueError(f"--duration (a rollout from text or --image) cannot be combined with {', '.join(clash)}"
+                             "; extend a video with --video --extend S [--times N]")
     video_ops = [f"--{n}" for n in ("extend", "prepend", "mask", "outpaint") if getattr(args, n) is not None]
     images = [f"--{n}" for n in ("image", "last_image", "keyframe") if getattr(args, n)]
     if args.video is None:
@@ -126,8 +135,16 @@ def check_flags(args: argparse.Namespace) -> None:
         if len(video_ops) != 1:
             raise ValueError(f"--video needs exactly one of --extend, --prepend, --mask, --outpaint; got "
                              f"{video_ops or 'none'}")
-    if args.context_frames is not None and args.extend is None and args.prepend is None:
-        raise ValueError("--context_frames applies to --extend / --prepend only")
+    if args.context_frames is not None and args.extend is None and args.prepend is None and args.duration is None:
+        raise ValueError("--context_frames applies to --extend / --prepend / --duration only")
+    if args.times is not None and (args.extend is None or args.times < 1):
+        raise ValueError(f"--times {args.times}: a count >= 1 of --extend steps (it needs --extend)")
+    rollout_flags = [f for f, on in (("--context_noise", args.context_noise), ("--anchor", args.anchor != "none"))
+                     if on]
+    if rollout_flags and args.extend is None and args.duration is None:
+        raise ValueError(f"{', '.join(rollout_flags)}: anti-drift settings of rollouts (--extend or --duration)")
+    if not 0.0 <= args.context_noise < 1.0:
+        raise ValueError(f"--context_noise {args.context_noise} must be in [0, 1)")
     if args.student and (folded := [f"--{n}" for n in ("cfg", "visual_cfg", "negative_prompt")
                                     if getattr(args, n) is not None]):
         raise ValueError(f"{', '.join(folded)}: a distilled student has its guidance folded in (it samples with one "
@@ -165,9 +182,18 @@ def plan(args: argparse.Namespace, exp) -> Request:
     if visual and dit.conditions.masked_video is MaskedVideo.OFF:
         raise ValueError(f"{', '.join(visual)}: the DiT of {args.checkpoint} has no masked-video conditioning "
                          "(conditions.masked_video=off); it generates from text only")
+    if args.duration is not None and dit.conditions.masked_video is MaskedVideo.OFF:
+        raise ValueError(f"--duration: the DiT of {args.checkpoint} has no masked-video conditioning "
+                         "(conditions.masked_video=off); a rollout extends chunk after chunk from given frames")
+    if args.context_noise > 0 and dit.conditions.masked_video is not MaskedVideo.PER_TOKEN_TIMESTEPS:
+        raise ValueError(f"--context_noise: the DiT of {args.checkpoint} cannot be told the noise level of its given "
+                         "latents (it needs conditions.masked_video=per_token_timesteps, trained with "
+                         "dit.context_noise; experiments/long_video.py)")
     camera = _camera(args, dit, geom)
     if args.video is not None:
         req = _video_request(args, geom, fps)
+    elif args.duration is not None:
+        req = _long_request(args, geom, fps)
     elif not visual:
         req = Request("text", geom, fps)
     else:
@@ -197,6 +223,14 @@ def _camera(args: argparse.Namespace, dit, geom: cond.Geometry) -> np.ndarray | 
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"{flag}: {e}") from None
     return path[camera_lib.latent_frame_rows(geom.num_frames, geom.temporal_factor)].astype(np.float32)
+
+
+def _long_request(args: argparse.Namespace, geom: cond.Geometry, fps: float) -> Request:
+    """--duration [--image]: a rollout of duration * fps frames (the first chunk from text or from the image)."""
+    context = 2 if args.context_frames is None else args.context_frames
+    cond.plan_chunks(geom, context, args.duration, fps, geom.context_pixels(context), flag="--duration")  # checks
+    pixels = None if args.image is None else _fit(read_image(args.image, "--image"), geom.height, geom.width, "--image")
+    return Request("long", geom, fps, pixels, context=context, total=max(1, round(args.duration * fps)))
 
 
 def _frames_request(args: argparse.Namespace, geom: cond.Geometry, fps: float) -> Request:
@@ -234,7 +268,8 @@ def _video_request(args: argparse.Namespace, geom: cond.Geometry, fps: float) ->
     if args.extend is not None or args.prepend is not None:
         mode, seconds = ("extend", args.extend) if args.extend is not None else ("prepend", args.prepend)
         context = 1 if args.context_frames is None else args.context_frames
-        chunks = cond.plan_chunks(geom, context, seconds, fps, len(source), flag=f"--{mode}")
+        times = args.times or 1 if mode == "extend" else 1
+        chunks = cond.plan_chunks(geom, context, seconds * times, fps, len(source), flag=f"--{mode}")
         pixels = _fit(source, geom.height, geom.width, "--video")
         return Request(mode, geom, fps, pixels, context=context, chunks=tuple(chunks))
     if len(source) < geom.num_frames:

@@ -6,14 +6,16 @@ Small clips (e.g. 32x32) are enlarged by an integer `scale` with nearest-neighbo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from klingjax.data.video_io import decode_video, encode_mp4
+from klingjax.data.video_io import Mp4Writer, decode_video, encode_mp4
 
 
 def _check_frames(frames: np.ndarray, name: str = "frames") -> np.ndarray:
@@ -47,6 +49,36 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, *, scale:
     data = encode_mp4(upscale(_check_frames(frames), scale), fps, crf=crf)
     with open(os.fspath(path), "wb") as f:
         f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary file name next to `path` (same suffix) that becomes `path` when the block ends without an error;
+    on an error it is removed, so a failed write never leaves a partial file (nor replaces a good one)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(path)[1], prefix="." + os.path.basename(path) + ".",
+                               dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what a plain open() would have made
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def mp4_stream(path: str | os.PathLike, fps: float, *, scale: int = 1,
+               crf: int = 18) -> Iterator[Callable[[np.ndarray], None]]:
+    """`write(frames)` appending uint8 (n, H, W, 3) chunks to an mp4 at `path`, in memory constant in its length;
+    the file appears (atomically) when the block ends without an error."""
+    with atomic_path(path) as tmp, Mp4Writer(tmp, fps, crf=crf) as writer:
+        yield lambda frames: writer.write(upscale(_check_frames(frames), scale))
 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:

@@ -34,6 +34,9 @@ class Conditions:
     given: (B, t, h, w, C) clean latents of the given positions (values elsewhere are ignored); None = none.
     given_mask: (B, t, h, w) bool or float, True / >= 0.5 = this latent position is given (kept clean, not
         generated); None = every position is generated (T2V). Needs `ConditionSpec.masked_video` on.
+    given_time: (B,) float in [0, 1), the noise level of the given latents (context re-noising against drift in long
+        rollouts, noise augmentation in training): given positions hold (1 - s) z + s e and their tokens are modulated
+        at timestep s instead of 0; None = clean (0). Needs `ConditionSpec.masked_video` = per_token_timesteps.
     camera: (B, t, 4) float camera path of each latent frame, (oy, ox, log_scale, roll) relative to frame 0
         (klingjax/data/synthetic/camera.py; a latent frame reads its last pixel frame's row). Needs
         `ConditionSpec.camera` on.
@@ -46,6 +49,7 @@ class Conditions:
     positions: jax.Array | None = None
     given: jax.Array | None = None
     given_mask: jax.Array | None = None
+    given_time: jax.Array | None = None
     camera: jax.Array | None = None
     interval: jax.Array | None = None
 
@@ -63,7 +67,8 @@ class Conditions:
 # Conditions field -> the ConditionSpec switch that must be on for a batch to carry it (None: every DiT reads it).
 # Each new Conditions field is registered here with its switch (e.g. "camera_frames": "camera").
 _FIELD_SWITCHES: dict[str, str | None] = {"text": None, "text_mask": None, "positions": None,
-                                          "given": "masked_video", "given_mask": "masked_video", "camera": "camera",
+                                          "given": "masked_video", "given_mask": "masked_video",
+                                          "given_time": "masked_video", "camera": "camera",
                                           "interval": "flow_map"}
 
 
@@ -196,6 +201,12 @@ class ConditionSpec:
             raise ValueError("Conditions.given needs Conditions.given_mask (which latent positions are given)")
         if mask is None:
             return
+        if cond.given_time is not None:
+            if self.masked_video is not MaskedVideo.PER_TOKEN_TIMESTEPS:
+                raise ValueError("Conditions.given_time (noisy given latents) needs masked_video=per_token_timesteps: "
+                                 "the given tokens' own timestep tells the model their noise level")
+            if tuple(cond.given_time.shape) != (b,):
+                raise ValueError(f"Conditions.given_time must be (B,) = {(b,)}, got {tuple(cond.given_time.shape)}")
         if self.masked_video is MaskedVideo.CHANNEL_CONCAT and given is None:
             raise ValueError("masked_video=channel_concat reads Conditions.given: set it with the given_mask")
         want = (b, *latent_shape[1:4]) if latent_shape is not None else (b, *mask.shape[1:])

@@ -432,8 +432,10 @@ class WanDiT(nnx.Module):
         temb, modulation, context = self.condition_embedder(timesteps, cond.text.astype(cfg.dtype), jump)
         clean_temb = clean_mod = tokens = None
         if cfg.conditions.masked_video is MaskedVideo.PER_TOKEN_TIMESTEPS and cond.given_mask is not None:
-            # Only two timesteps exist per clip (t and 0), so the time MLP runs on those, not on every token.
-            clean_temb, clean_mod = self.condition_embedder.embed_time(jnp.zeros_like(timesteps))
+            # Only two timesteps exist per clip (t and the given tokens' 0, or their noise level `given_time`), so
+            # the time MLP runs on those, not on every token.
+            given_t = jnp.zeros_like(timesteps) if cond.given_time is None else cond.given_time * 1000.0
+            clean_temb, clean_mod = self.condition_embedder.embed_time(given_t.astype(timesteps.dtype))
             tokens = given_tokens(cond.given_mask, cfg.patch_size)  # (B, N, 1)
         factorized = cfg.attention_layout is AttentionLayout.FACTORIZED
         text_len = context.shape[1] if cfg.text_attention is TextAttention.JOINT else None  # JOINT: text keys

@@ -137,7 +137,7 @@ def dit_stage(exp: ExperimentConfig, workdir: str, null_text: tuple[np.ndarray, 
     def loss_fn(model: WanDiT, batch: LatentBatch, key: jax.Array, ctx: LossContext):
         del ctx  # the DiT loss reads neither the step nor frozen arrays
         x0, text, mask = batch.latent, batch.cond.text, batch.cond.text_mask
-        k_t, k_n, k_d, k_v = jax.random.split(key, 4)
+        k_t, k_n, k_d, k_v, k_c = jax.random.split(key, 5)
         b = x0.shape[0]
         drop = jax.random.uniform(k_d, (b,)) < cfg.caption_dropout  # (B,)
         text = jnp.where(drop[:, None, None], null_ctx[None], text)
@@ -151,7 +151,17 @@ def dit_stage(exp: ExperimentConfig, workdir: str, null_text: tuple[np.ndarray, 
         t = schedules.sample_timesteps(k_t, b, method=cfg.timestep_sampling, shift=shift)
         noise = jax.random.normal(k_n, x0.shape, x0.dtype)
         velocity = lambda x_t, t: model(x_t, t * 1000.0, cond)
-        loss, per_sample = masked.masked_flow_loss(velocity, x0, noise, t, given_mask, weighting=cfg.loss_weighting)
+        clean_inputs = True
+        if given_mask is not None and cfg.context_noise > 0:  # noise augmentation of the given latents
+            k_s, k_e = jax.random.split(k_c)
+            level = jax.random.uniform(k_s, (b,), maxval=cfg.context_noise)  # (B,)
+            lv = level[:, None, None, None, None]
+            noisy = (1.0 - lv) * x0 + lv * jax.random.normal(k_e, x0.shape, x0.dtype)
+            cond = cond.replace(given_time=level)
+            velocity = lambda x_t, t: model(masked.apply_given(x_t, noisy, given_mask), t * 1000.0, cond)
+            clean_inputs = False  # the model input at given positions is `noisy`, set above
+        loss, per_sample = masked.masked_flow_loss(velocity, x0, noise, t, given_mask, weighting=cfg.loss_weighting,
+                                                   clean_inputs=clean_inputs)
         metrics = {"t_mean": jnp.mean(t)}
         if batch.task is not None:  # per-task loss means (NaN-free: 0 when a task is absent from the batch)
             for name, _ in tasks:

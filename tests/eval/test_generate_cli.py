@@ -10,77 +10,17 @@ One generator is loaded and reused by every test (`loader`), so each sampler sha
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
 import sys
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image, ImageSequence
 
-from experiments import demo, kling
-from klingjax import layout
+from experiments import demo
 from klingjax.config import SampleConfig, config_from_dataclass, to_experiment
 from klingjax.eval import generate_cli, media
-from klingjax.eval.generate import load_workdir_generator
 from klingjax.measures import psnr
-from klingjax.models.dit import WanDiT
-from klingjax.models.text_encoders import BertConfig
-from klingjax.models.vae import CausalVAE
-from klingjax.train.checkpoint import Checkpointer
-from klingjax.train.optim import make_optimizer
-from klingjax.train.state import Trainer
-
-
-def init_like(abstract: nnx.State, seed: int) -> nnx.State:
-    """Numpy values at init scale for an abstract state: norm scales 1, biases 0, kernels N(0, 1 / fan_in), other
-    floats N(0, 0.01), integers 0 (no compilation: a jitted init of both models costs ~10 s on CPU)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, a):
-        name = jax.tree_util.keystr(path).split("'")[-2]
-        if not np.issubdtype(a.dtype, np.floating) or name == "bias":
-            return np.zeros(a.shape, a.dtype)
-        if name in ("gamma", "scale"):
-            return np.ones(a.shape, a.dtype)
-        std = 1 / np.sqrt(np.prod(a.shape[:-1])) if name == "kernel" else 0.1
-        return (std * rng.standard_normal(a.shape)).astype(a.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
-
-
-def make_workdir(root: str, config) -> str:
-    """A work dir of `config` (config.json, latent stats, vae/ and dit/ checkpoints of init-scale params)."""
-    exp = to_experiment(config)
-    os.makedirs(layout.latent_dir(root))
-    with open(os.path.join(root, "config.json"), "w") as f:
-        f.write(config_from_dataclass(exp).to_json(indent=2))
-    vae_cfg, dit_cfg = layout.vae_config(exp), layout.dit_model_config(exp, BertConfig().dim)
-    models = {"vae": (lambda: CausalVAE(vae_cfg, rngs=nnx.Rngs(0)), exp.vae),
-              "dit": (lambda: WanDiT(dit_cfg, rngs=nnx.Rngs(1)), exp.dit)}
-    for i, (stage, (make, scfg)) in enumerate(models.items()):
-        tx = make_optimizer(scfg.optim, scfg.steps)
-        abstract = nnx.state(nnx.eval_shape(lambda make=make, tx=tx: Trainer(make(), tx)))
-        ckpt = Checkpointer(layout.checkpoint_dir(root, stage), async_save=False)
-        ckpt.save(1, init_like(abstract, i), {}, force=True)
-        ckpt.close()
-    with open(os.path.join(layout.latent_dir(root), "latent_stats.json"), "w") as f:
-        json.dump({"mean": [0.0] * vae_cfg.z_dim, "std": [1.0] * vae_cfg.z_dim}, f)
-    return root
-
-
-@pytest.fixture(scope="session")
-def workdir(tmp_path_factory) -> str:
-    return make_workdir(str(tmp_path_factory.mktemp("kling") / "wd"), kling.get_config("runlocal"))
-
-
-@pytest.fixture(scope="session")
-def loader():
-    """`load_workdir_generator`, cached: one generator (and its compiled samplers) for every test."""
-    return functools.cache(load_workdir_generator)
 
 
 def _smooth(h: int, w: int, flip: bool = False) -> np.ndarray:
@@ -134,6 +74,10 @@ CASES = {
     "extend": (["--video", "{clip}", "--extend", "1.5"], 12 + 12, (32, 32)),
     "extend_fps": (["--video", "{clip}", "--extend", "1", "--fps", "4"], 12 + 4, (32, 32)),
     "prepend": (["--video", "{clip}", "--prepend", "1", "--context_frames", "2"], 12 + 8, (32, 32)),
+    "extend_times": (["--video", "{clip}", "--extend", "0.5", "--times", "3"], 12 + 12, (32, 32)),
+    "duration": (["--duration", "3"], 24, (32, 32)),  # 9 + 4 + 4 + 4 + 3 frames: context 2 of 3 latent frames
+    "duration_image_antidrift": (["--image", "{first}", "--duration", "2", "--context_noise", "0.05", "--anchor",
+                                  "colour"], 16, (32, 32)),
     "inpaint": (["--video", "{clip}", "--mask", "{mask}", "--negative_prompt", "blurry"], 9, (32, 32)),
     "inpaint_per_frame": (["--video", "{clip}", "--mask", "{mask_mp4}"], 9, (32, 32)),
     "outpaint_video": (["--video", "{clip}", "--outpaint", "8,0,8,0"], 9, (32, 32)),
@@ -246,7 +190,17 @@ BAD = [
     (["--video", "{clip}", "--image", "{first}", "--mask", "{mask}"], "--video cannot be combined with --image"),
     (["--outpaint", "8,0,8,0"], "--outpaint needs --video or --image"),
     (["--image", "{first}", "--outpaint", "20,0,20,0"], "--outpaint 20,0,20,0 leaves no inner box"),
-    (["--image", "{first}", "--context_frames", "2"], "--context_frames applies to --extend / --prepend only"),
+    (["--image", "{first}", "--context_frames", "2"], "--context_frames applies to --extend / --prepend / --duration"),
+    (["--times", "3"], "--times 3: a count >= 1 of --extend steps"),
+    (["--video", "{clip}", "--extend", "1", "--times", "0"], "--times 0: a count >= 1"),
+    (["--context_noise", "0.1"], "--context_noise: anti-drift settings of rollouts"),
+    (["--anchor", "colour", "--image", "{first}"], "--anchor: anti-drift settings of rollouts"),
+    (["--duration", "10", "--context_noise", "1.5"], "--context_noise 1.5 must be in"),
+    (["--duration", "0"], "--duration 0.0 must be > 0"),
+    (["--duration", "10", "--video", "{clip}"],
+     "--duration (a rollout from text or --image) cannot be combined with --video"),
+    (["--duration", "10", "--last_image", "{last}", "--image", "{first}"], "cannot be combined with --last_image"),
+    (["--duration", "10", "--context_frames", "3"], "--context_frames 3 must be in 1..2"),
     (["--video", "{clip}", "--extend", "1", "--context_frames", "3"], "--context_frames 3 must be in 1..2"),
     (["--num_frames", "8"], "--num_frames 8 must be 1 + 4 * k"),
     (["--size", "20x32"], "--size 20x32 must be a multiple of 8x8"),

@@ -167,3 +167,22 @@ def test_masked_video_validation_and_config():
         dit_config("XS", conditions={"masked_video": "inpaint"})
     with pytest.raises(TypeError, match="must be a MaskedVideo"):
         ConditionSpec("channel_concat")
+
+
+def test_given_time_modulates_given_tokens_at_their_noise_level():
+    """All tokens given at level s: the plain model at timestep s (given_time 0 is the default t = 0); the field is
+    checked (shape, per-token timesteps only)."""
+    latents, t, cond, given = _inputs()
+    state = _init(TINY_DIT)
+    level = jnp.array([0.1, 0.3])
+    everything = jnp.ones(latents.shape[:4], bool)
+    want = _forward(TINY_DIT)(state, latents, level * 1000.0, cond)
+    got = _forward(PER_TOKEN)(state, latents, t, cond.replace(given_mask=everything, given_time=level))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    zero = _forward(PER_TOKEN)(state, latents, t, cond.replace(given_mask=everything, given_time=jnp.zeros(2)))
+    np.testing.assert_allclose(zero, _forward(PER_TOKEN)(state, latents, t, cond.replace(given_mask=everything)),
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="given_time .* needs masked_video=per_token_timesteps"):
+        CONCAT.conditions.validate(cond.replace(given=given, given_mask=everything, given_time=level))
+    with pytest.raises(ValueError, match=r"given_time must be \(B,\) = \(2,\)"):
+        PER_TOKEN.conditions.validate(cond.replace(given_mask=everything, given_time=level[:1]))

@@ -80,6 +80,11 @@ def test_latent_batch_carries_the_given_fields_in_conditions():
     (lambda c: setattr(c.dit, "visual_dropout", 1.0), "dit.visual_dropout"),
     (lambda c: c.dit.model_overrides.update({"conditions": {"masked_video": "off"}}), "masked_video' is off"),
     (lambda c: c.dit.model_overrides.update({"conditions": {"masked_video": "sideways"}}), "masked_video"),
+    (lambda c: setattr(c.dit, "context_noise", 1.0), "dit.context_noise': must be in"),
+    (lambda c: (setattr(c.dit, "context_noise", 0.1),
+                c.dit.model_overrides.update({"conditions": {"masked_video": "channel_concat"}})),
+     "dit.context_noise': noisy given latents need"),
+    (lambda c: setattr(c.data, "motion", "wrap"), "data.motion"),
 ])
 def test_bad_task_configs_fail_naming_the_key(edit, match):
     c = kling.get_config("runlocal")
@@ -124,3 +129,33 @@ def test_dit_stage_loss_ignores_predictions_at_given_positions_and_reports_each_
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
     assert float(m_a["loss_i2v"]) > 0 and float(m_a["loss_t2v"]) > 0 and float(m_a["loss_inpaint"]) == 0
     np.testing.assert_allclose((m_a["loss_i2v"] + m_a["loss_t2v"]) / 2, loss_a, rtol=1e-5)
+
+
+def test_context_noise_feeds_noisy_given_latents_and_tells_the_model_their_level(tmp_path):
+    """dit.context_noise: the model sees (1 - s) x0 + s e at given positions with Conditions.given_time = s in
+    [0, context_noise); the generated positions see the usual x_t."""
+    from klingjax.train.batch import LatentBatch
+    from klingjax.train.stages import dit_stage
+    from klingjax.train.step import LossContext
+
+    c = kling.get_config("runlocal")
+    c.dit.visual_dropout, c.dit.context_noise = 0.0, 0.2
+    spec = dit_stage(to_experiment(c), str(tmp_path), (np.zeros((16, 384), np.float32), np.zeros(16, bool)))
+    b, grid = 4, (3, 8, 8, 8)
+    mask = np.zeros((b, *grid[:3]), bool)
+    mask[:, 0] = True
+    x0 = jax.random.normal(jax.random.key(0), (b, *grid))
+    cond = Conditions(text=jnp.ones((b, 16, 384)), text_mask=jnp.ones((b, 16), bool), given=x0,
+                      given_mask=jnp.asarray(mask))
+    seen = {}
+
+    def model(x, t, c):
+        seen.update(x=x, level=c.given_time)
+        return x
+
+    ctx = LossContext(step=jnp.zeros((), jnp.int32))
+    spec.loss_fn(model, LatentBatch(latent=x0, cond=cond), jax.random.key(1), ctx)
+    level = np.asarray(seen["level"])
+    assert level.shape == (b,) and (level >= 0).all() and (level < 0.2).all() and np.ptp(level) > 0
+    err = np.asarray(seen["x"] - x0)[:, 0]  # the given frame: s (e - x0), of std s sqrt(2) (x0, e ~ N(0, 1))
+    np.testing.assert_allclose(err.std(axis=(1, 2, 3)), level * np.sqrt(2.0), rtol=0.1)

@@ -39,6 +39,10 @@ def generate_clip(spec: SyntheticSpec, seed: int, index: int, split: str | None 
     rng = np.random.default_rng(key)
     t_len, height, width = spec.num_frames, spec.height, spec.width
     combos = _sample_combos(spec, rng, split)
+    if spec.motion == "bounce":
+        from klingjax.data.synthetic.bounce import window_clip
+
+        return window_clip(spec, rng, combos, seed, index, split)
     sizes = rng.uniform(*spec.size_range, len(combos))
     speeds = rng.uniform(*spec.speed_range, len(combos))
 

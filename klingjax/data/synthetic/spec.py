@@ -26,6 +26,7 @@ DEFAULT_BACKGROUNDS: tuple[tuple[str, tuple[int, int, int]], ...] = (
 # Unit (dy, dx) per direction word, image coordinates (y grows downwards).
 DIRECTION_VECTORS: dict[str, tuple[int, int]] = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 SPLITS: dict[str, int] = {"train": 0, "eval": 1}
+MOTIONS = ("straight", "bounce")
 MARGIN = 1.0  # px kept free between a sprite's bbox and the frame border
 
 Combo = tuple[str, str, str, str]  # (colour, shape, direction, background)
@@ -65,8 +66,13 @@ class SyntheticSpec:
     # One fixed texture per background (a "world" every clip of that background is filmed in) instead of a random one
     # per clip: a small DiT learns to render a known world through a camera; a random texture it smears to flat.
     camera_world_texture: bool = False
+    # "straight": constant velocity, sprites kept in frame (captions name the direction); "bounce": sprites reflect off
+    # the frame edges (synthetic/bounce.py; captions name the axis, "bounces left and right"), for long-video training.
+    motion: str = "straight"
 
     def __post_init__(self):
+        if self.motion not in MOTIONS:
+            raise ValueError(f"motion must be one of {MOTIONS}, got {self.motion!r}")
         unknown = set(self.shapes) - set(SHAPE_SDFS)
         if unknown:
             raise ValueError(f"unknown shapes {sorted(unknown)}; known: {sorted(SHAPE_SDFS)}")

@@ -32,6 +32,14 @@ def sprite_height(shape: str, size: float) -> float:
     return size * np.sqrt(3.0) / 2.0 if shape == "triangle" else size
 
 
+CENTROID_Y = {"circle": 0.5, "square": 0.5, "triangle": 2 / 3}  # area centroid's y / bbox height, per shape
+
+
+def centroid_offset(shape: str, size: float) -> np.ndarray:
+    """(2,) (y, x) from a sprite's bbox top-left to its area centroid."""
+    return np.array([CENTROID_Y[shape] * sprite_height(shape, size), 0.5 * size])
+
+
 def rasterize(shape: str, size: float, top_left: np.ndarray, height: int, width: int) -> np.ndarray:
     """Anti-aliased coverage in [0, 1], (T, H, W), of a sprite whose bbox top-left per frame is (T, 2) (y, x)."""
     h = sprite_height(shape, size)
