@@ -112,3 +112,17 @@ def test_mp4_writer_chunks_equal_one_write(tmp_path):
         for i in range(0, 10, 3):
             w.write(frames[i:i + 3])
     np.testing.assert_array_equal(media.read_video(tmp_path / "a.mp4"), media.read_video(tmp_path / "b.mp4"))
+
+
+def test_drift_evaluation_streams_rollouts_into_meters_and_a_video(workdir, loader, tmp_path):
+    from klingjax.data.synthetic import SyntheticSpec
+    from klingjax.eval import long_video
+
+    _, gen = loader(workdir)
+    spec = SyntheticSpec(num_frames=9, motion="bounce", size_range=(9.0, 13.0), speed_range=(1.2, 2.0))
+    truths = long_video.truth_clips(spec, 0, 2, 3.0)  # 24 frames: 5 given + 4 chunks of 4 + 3
+    out = long_video.evaluate_method(gen, truths, rollout.RolloutConfig(context=2, anchor="colour"),
+                                     key=jax.random.key(0), window_s=1.0, video_path=str(tmp_path / "r.mp4"))
+    assert [r["num_frames"] for r in out["results"]] == [24, 24] and len(out["results"][0]["time_s"]) == 3
+    assert out["results"][0]["num_seams"] == 5 and set(out["summary"]) >= {"first", "last", "slope_per_min"}
+    assert len(media.read_video(tmp_path / "r.mp4")) == 24
