@@ -20,12 +20,11 @@ A chunk's prompt can change (`prompts` as a function of the chunk index: storybo
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
-from absl import logging
+from tqdm import tqdm
 
 ANCHORS = ("none", "colour")
 
@@ -85,26 +84,20 @@ def match_colour(frames: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.nd
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-@dataclasses.dataclass
 class Progress:
-    """A per-chunk progress line with the video time made so far and the ETA (logged; `quiet` silences it)."""
+    """A per-chunk progress bar (tqdm: chunks done, ETA, seconds of video made so far); `quiet` silences it."""
 
-    chunks: int
-    fps: float
-    quiet: bool = False
-    start: float = dataclasses.field(default_factory=time.time)
-    done: int = 0
-    frames: int = 0
+    def __init__(self, chunks: int, fps: float, quiet: bool = False):
+        self._bar = None if quiet else tqdm(total=chunks, desc="rollout", unit="chunk", mininterval=1.0)
+        self.fps, self.frames = fps, 0
 
     def step(self, frames: int) -> None:
-        self.done += 1
         self.frames += frames
-        if self.quiet:
-            return
-        elapsed = time.time() - self.start
-        eta = elapsed / self.done * (self.chunks - self.done)
-        logging.info("rollout: chunk %d/%d, %.1f s of video, %.1f s elapsed, ETA %.1f s", self.done, self.chunks,
-                     self.frames / self.fps, elapsed, eta)
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"{self.frames / self.fps:.1f} s of video", refresh=False)
+            self._bar.update(1)
+            if self._bar.n == self._bar.total:
+                self._bar.close()
 
 
 def rollout(gen, prompts: Sequence[str] | Callable[[int], Sequence[str]], key: jax.Array, total_frames: int, *,
