@@ -159,3 +159,13 @@ def test_context_noise_feeds_noisy_given_latents_and_tells_the_model_their_level
     assert level.shape == (b,) and (level >= 0).all() and (level < 0.2).all() and np.ptp(level) > 0
     err = np.asarray(seen["x"] - x0)[:, 0]  # the given frame: s (e - x0), of std s sqrt(2) (x0, e ~ N(0, 1))
     np.testing.assert_allclose(err.std(axis=(1, 2, 3)), level * np.sqrt(2.0), rtol=0.1)
+
+
+def test_long_video_configs_validate():
+    from experiments import long_video
+
+    for arg in ("", "runlocal"):
+        exp = to_experiment(long_video.get_config(arg))
+        assert exp.data.motion == "bounce" and exp.dit.context_noise > 0 and exp.dit.tasks["prefix"] > 0
+    with pytest.raises(ValueError, match="unknown arg"):
+        long_video.get_config("sideways")
