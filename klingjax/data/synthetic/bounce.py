@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from klingjax.data.synthetic.background import texture
-from klingjax.data.synthetic.combos import heldout_combos
+from klingjax.data.synthetic.combos import heldout_combos, sample_combos
 from klingjax.data.synthetic.spec import DIRECTION_VECTORS, MARGIN, SPLITS, Clip, Combo, SyntheticSpec
 from klingjax.data.synthetic.sprites import centroid_offset, rasterize, sprite_height
 
@@ -171,10 +171,8 @@ class LongClip:
 
 def long_clip(spec: SyntheticSpec, seed: int, index: int, num_frames: int, split: str = "eval") -> LongClip:
     """Long clip `index` of stream `seed` on `split`'s combos (deterministic): e.g. 2 minutes = 120 * spec.fps."""
-    from klingjax.data.synthetic.clips import _sample_combos
-
     rng = np.random.default_rng([seed, index, SPLITS[split], 7])  # 7: the long-clip stream
-    combos = _sample_combos(spec, rng, split)
+    combos = sample_combos(spec, rng, split)
     sprites = _draw(spec, rng, combos)
     tex = texture(rng, np.zeros((1, 2)), spec.height, spec.width)[0]
     return LongClip(spec, int(num_frames), combos[0][3], tuple(sprites), _caption(rng, sprites, combos[0][3]), tex,

@@ -13,24 +13,13 @@ import numpy as np
 
 from klingjax.data.synthetic import camera as camera_lib
 from klingjax.data.synthetic.background import texture, texture_at
+from klingjax.data.synthetic.bounce import window_clip
 from klingjax.data.synthetic.captions import caption
-from klingjax.data.synthetic.combos import heldout_combos, split_combos
+from klingjax.data.synthetic.combos import heldout_combos, sample_combos
 from klingjax.data.synthetic.spec import DIRECTION_VECTORS, MARGIN, SPLITS, Clip, Combo, SyntheticSpec
 from klingjax.data.synthetic.sprites import SHAPE_SDFS, rasterize, sprite_height
 
 _PAN_TO_SPEED = 0.4  # pan speed <= this x slowest object speed
-
-
-def _sample_combos(spec: SyntheticSpec, rng: np.random.Generator, split: str | None) -> list[Combo]:
-    combos = split_combos(spec, split) if split else split_combos(spec, "train") + split_combos(spec, "eval")
-    if not combos:
-        raise ValueError(f"split {split!r} has no combos (heldout_fraction={spec.heldout_fraction})")
-    first = combos[rng.integers(len(combos))]
-    if rng.random() >= spec.p_two_objects:
-        return [first]
-    # The second object shares the background and never the colour (so the two stay separable).
-    others = [c for c in combos if c[3] == first[3] and c[0] != first[0]]
-    return [first, others[rng.integers(len(others))]] if others else [first]
 
 
 def generate_clip(spec: SyntheticSpec, seed: int, index: int, split: str | None = None) -> Clip:
@@ -38,10 +27,8 @@ def generate_clip(spec: SyntheticSpec, seed: int, index: int, split: str | None 
     key = [seed, index] if split is None else [seed, index, SPLITS[split]]
     rng = np.random.default_rng(key)
     t_len, height, width = spec.num_frames, spec.height, spec.width
-    combos = _sample_combos(spec, rng, split)
+    combos = sample_combos(spec, rng, split)
     if spec.motion == "bounce":
-        from klingjax.data.synthetic.bounce import window_clip
-
         return window_clip(spec, rng, combos, seed, index, split)
     sizes = rng.uniform(*spec.size_range, len(combos))
     speeds = rng.uniform(*spec.speed_range, len(combos))

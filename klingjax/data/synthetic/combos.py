@@ -6,6 +6,8 @@ import functools
 import hashlib
 import itertools
 
+import numpy as np
+
 from klingjax.data.synthetic.spec import SPLITS, Combo, SyntheticSpec
 
 
@@ -47,3 +49,17 @@ def split_combos(spec: SyntheticSpec, split: str) -> tuple[Combo, ...]:
     backgrounds = [b for b, _ in spec.backgrounds]
     combos = itertools.product(colours, spec.shapes, spec.directions, backgrounds)
     return tuple(c for c in combos if (c in held) == (split == "eval"))
+
+
+def sample_combos(spec: SyntheticSpec, rng: np.random.Generator, split: str | None) -> list[Combo]:
+    """One combo of `split` (None: any), and with probability p_two_objects a second of another colour on the same
+    background (so the two stay separable)."""
+    combos = split_combos(spec, split) if split else split_combos(spec, "train") + split_combos(spec, "eval")
+    if not combos:
+        raise ValueError(f"split {split!r} has no combos (heldout_fraction={spec.heldout_fraction})")
+    first = combos[rng.integers(len(combos))]
+    if rng.random() >= spec.p_two_objects:
+        return [first]
+    # The second object shares the background and never the colour (so the two stay separable).
+    others = [c for c in combos if c[3] == first[3] and c[0] != first[0]]
+    return [first, others[rng.integers(len(others))]] if others else [first]
