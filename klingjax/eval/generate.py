@@ -58,7 +58,7 @@ class VideoGenerator:
                  negative_prompt: str | None = None, dit: nnx.Module | None = None, given: np.ndarray | None = None,
                  given_mask: np.ndarray | None = None, text_scale: float | None = None,
                  visual_scale: float | None = None, camera: np.ndarray | None = None,
-                 context_noise: float = 0.0) -> np.ndarray:
+                 context_noise: float = 0.0, return_latents: bool = False) -> np.ndarray:
         """Generate one clip per caption (batched); the same key and inputs give the same clips.
 
         given: (N, t, h, w, C) normalised latents (`encode` / `encode_frames`), given_mask: (N, t, h, w) bool, True =
@@ -69,6 +69,8 @@ class VideoGenerator:
         context_noise: s > 0 re-noises the given latents to (1 - s) given + s e and tells the DiT their level
         (`Conditions.given_time`; a model trained with `dit.context_noise`), an anti-drift measure of long rollouts
         (klingjax/eval/rollout.py); the clean given latents are put back before decoding.
+        return_latents: the sampled normalised latents (N, t, h, w, C) instead of frames (`decode_step` decodes them
+        with a decoder state carried across calls).
         """
         neg = self.sample.negative_prompt if negative_prompt is None else negative_prompt
         scales = (float(self.sample.cfg_scale if text_scale is None else text_scale),
@@ -116,7 +118,8 @@ class VideoGenerator:
                 cond, uncond = cond.replace(given_time=level), uncond.replace(given_time=level)
                 e = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, start), 1), noise.shape)
                 visual = ((1.0 - context_noise) * visual[0] + context_noise * e, visual[1], visual[0])
-            videos = self._fn(dit_state, nnx.state(self.vae), cond, uncond, noise, visual, scales=scales)
+            videos = self._fn(dit_state, nnx.state(self.vae), cond, uncond, noise, visual, scales=scales,
+                              decode=not return_latents)
             # The batch may span other processes' devices: gather it (a collective every process joins).
             out.append(np.asarray(multihost_utils.process_allgather(videos, tiled=True))[:n])
         return np.concatenate(out, axis=0)
@@ -138,6 +141,14 @@ class VideoGenerator:
     def decode(self, latents: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
         """Normalised latents (N, t, h, w, C) -> uint8 clips (N, T, H, W, 3)."""
         return self._batched(self._codec["decode"], latents, batch_size)
+
+    def decode_step(self, latents: np.ndarray, cache=None) -> tuple[np.ndarray, object]:
+        """Streaming decode: normalised latents (N, n, h, w, C) that continue the latents of the call that returned
+        `cache` (None: they start a clip, latent frame 0 -> 1 frame) -> (uint8 frames (N, n' , H, W, 3), the new
+        decoder cache). Chunk after chunk this decodes one continuous clip: the causal decoder's frame cache carries
+        over, so no chunk boundary reaches the pixels (klingjax/eval/rollout.py's `decode="stream"`)."""
+        frames, cache = self._codec["decode_step"](nnx.state(self.vae), jnp.asarray(latents), cache)
+        return np.asarray(multihost_utils.process_allgather(frames, tiled=True)), cache
 
     def _batched(self, fn, x: np.ndarray, batch_size: int) -> np.ndarray:
         x = np.asarray(x)
@@ -168,7 +179,12 @@ def _make_codec(gen: VideoGenerator) -> dict:
     def decode(vae_state, z):
         return _to_uint8(nnx.merge(vae_def, vae_state).decode_streaming(z * std + mean))
 
-    return {"encode": encode, "decode": decode}
+    @jax.jit
+    def decode_step(vae_state, z, cache):
+        frames, cache = nnx.merge(vae_def, vae_state).decode_chunk(z * std + mean, cache)
+        return _to_uint8(frames), cache
+
+    return {"encode": encode, "decode": decode, "decode_step": decode_step}
 
 
 def _to_uint8(x: jax.Array) -> jax.Array:
@@ -182,8 +198,8 @@ def _make_sample_fn(gen: VideoGenerator):
     std = jnp.asarray(gen.latent_std)
     shift = cfg.shift if cfg.shift > 0 else gen.shift
 
-    @functools.partial(jax.jit, static_argnames=("scales",))
-    def fn(dit_state, vae_state, cond: Conditions, uncond: Conditions, noise, visual, *, scales):
+    @functools.partial(jax.jit, static_argnames=("scales", "decode"))
+    def fn(dit_state, vae_state, cond: Conditions, uncond: Conditions, noise, visual, *, scales, decode=True):
         vae = nnx.merge(vae_def, vae_state)
         text_scale, visual_scale = scales
 
@@ -210,6 +226,8 @@ def _make_sample_fn(gen: VideoGenerator):
                                      shift=shift, args=(dit_state,))
             if len(visual) == 3:  # re-noised given latents: decode the clean ones
                 z = masked.apply_given(z, visual[2], visual[1])
+        if not decode:
+            return z  # normalised latents
         z = z * std + mean  # back to the VAE's latent scale
         return _to_uint8(vae.decode_streaming(z))  # (B, T, H, W, 3); constant memory in T
 

@@ -104,7 +104,8 @@ def generate(gen, req: Request, args: argparse.Namespace) -> Iterator[np.ndarray
     if req.mode in ("extend", "long"):
         total = req.total if req.mode == "long" else len(req.pixels) + sum(req.chunks)
         start = None if req.pixels is None else req.pixels[None]
-        config = rollout.RolloutConfig(context=req.context, context_noise=args.context_noise, anchor=args.anchor)
+        config = rollout.RolloutConfig(context=req.context, context_noise=args.context_noise, anchor=args.anchor,
+                                       decode=args.decode)
         for frames, _ in rollout.rollout(gen, [args.prompt], key, total, start=start, config=config, fps=req.fps,
                                          **kwargs):
             yield frames[0]
@@ -168,6 +169,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "latents to this level (a model trained with dit.context_noise; e.g. 0.05)")
     p.add_argument("--anchor", choices=rollout.ANCHORS, default="none", help="anti-drift: 'colour' matches each "
                    "chunk's colour statistics to the first chunk's")
+    p.add_argument("--decode", choices=rollout.DECODES, default="chunk", help="anti-seam: 'stream' decodes only "
+                   "each chunk's new latents with one causal decoder carried across chunks")
     p.add_argument("--mask", help="mask.png (every frame) or mask.mp4 (per frame); white = regenerate")
     p.add_argument("--outpaint", metavar="L,T,R,B", help="pixel borders to generate around --video / --image")
     p.add_argument("--camera", metavar="MOVE:VALUE,...", help="camera moves for a DiT with a camera adapter: "

@@ -139,8 +139,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ValueError("--context_frames applies to --extend / --prepend / --duration only")
     if args.times is not None and (args.extend is None or args.times < 1):
         raise ValueError(f"--times {args.times}: a count >= 1 of --extend steps (it needs --extend)")
-    rollout_flags = [f for f, on in (("--context_noise", args.context_noise), ("--anchor", args.anchor != "none"))
-                     if on]
+    rollout_flags = [f for f, on in (("--context_noise", args.context_noise), ("--anchor", args.anchor != "none"),
+                                     ("--decode", args.decode != "chunk")) if on]
     if rollout_flags and args.extend is None and args.duration is None:
         raise ValueError(f"{', '.join(rollout_flags)}: anti-drift settings of rollouts (--extend or --duration)")
     if not 0.0 <= args.context_noise < 1.0:

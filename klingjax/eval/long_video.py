@@ -49,13 +49,33 @@ def evaluate_method(gen, truths: Sequence[LongClip], config: RolloutConfig, *, k
     return {"results": results, "summary": drift.summarise(results)}
 
 
+def vae_ceiling(gen, truths: Sequence[LongClip], *, window_s: float = 2.0) -> dict:
+    """The ground truth through the VAE alone, clip-length chunk by chunk (each encoded and decoded on its own, a seam
+    between): what any DiT's rollout can reach on each metric at best (DriftMeter results and summary)."""
+    spec = truths[0].spec
+    fps, total = float(spec.fps), truths[0].num_frames
+    num_frames = 1 + gen.vae.cfg.temporal_factor * (gen.latent_shape[0] - 1)
+    meters = [drift.DriftMeter(t, window=max(2, round(window_s * fps)), fps=fps) for t in truths]
+    for start in range(0, total, num_frames):
+        stop = min(start + num_frames, total)
+        stop -= (stop - start - 1) % gen.vae.cfg.temporal_factor  # a causal VAE takes 1 + tf k frames
+        clips = np.stack([t.frames(start, stop) for t in truths])
+        recon = gen.decode(gen.encode(clips, batch_size=len(truths)), batch_size=len(truths))
+        for meter, clip in zip(meters, recon):
+            meter.update(clip, seam=start > 0)
+    results = [m.result() for m in meters]
+    return {"results": results, "summary": drift.summarise(results)}
+
+
 def compare(gen, truths: Sequence[LongClip], configs: Sequence[RolloutConfig], *, out_dir: str, seed: int = 0,
             window_s: float = 2.0, **sample_kwargs) -> dict[str, dict]:
     """Every method on the same clips and key: `out_dir`/drift.json (summaries and per-clip results), report.md,
-    drift.png and one example rollout per method (<method>.mp4). Returns {method name: summary}."""
+    drift.png and one example rollout per method (<method>.mp4). Returns {method name: summary}, with the VAE's
+    ceiling first ("vae (ceiling)": the ground truth encoded and decoded chunk by chunk)."""
     os.makedirs(out_dir, exist_ok=True)
     key = jax.random.key(seed)
-    out, everything = {}, {}
+    ceiling = vae_ceiling(gen, truths, window_s=window_s)
+    out, everything = {"vae (ceiling)": ceiling["summary"]}, {"vae (ceiling)": ceiling}
     for config in configs:
         res = evaluate_method(gen, truths, config, key=key, window_s=window_s, quiet=False,
                               video_path=os.path.join(out_dir, f"{config.name}.mp4"), **sample_kwargs)

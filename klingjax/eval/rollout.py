@@ -10,6 +10,9 @@ Anti-drift methods (issue 16; wave2.md section 2), switchable and combinable:
     (`Conditions.given_time`), so it treats the context as slightly uncertain instead of copying the accumulated
     artifacts of earlier chunks (SkyReels-V2 / CausVid noise augmentation; the model must be trained with
     `dit.context_noise`, experiments/long_video.py);
+  * `decode="stream"`: against seams, only each chunk's new latents are decoded, by one causal VAE decoder whose
+    frame cache carries over from chunk to chunk (the clip decodes as one continuous stream, as in causal-VAE
+    streaming generation, e.g. CausVid / Self-Forcing), instead of decoding every chunk on its own;
   * `anchor="colour"`: colour coherence to the first chunk (Deforum's `color_coherence`; Reinhard et al. 2001 colour
     transfer): each new chunk's per-channel mean and standard deviation are matched to those of the first frames,
     and the corrected frames become the next context, so colour drift cannot compound.
@@ -27,6 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 ANCHORS = ("none", "colour")
+DECODES = ("chunk", "stream")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +40,13 @@ class RolloutConfig:
     context: int = 2  # latent frames of the previous chunk given to the next (1 .. t - 1)
     context_noise: float = 0.0  # re-noising level of the context latents (needs a model trained with it)
     anchor: str = "none"  # "none" | "colour"
+    # "chunk": each chunk is decoded on its own (context latents included) and its new frames kept; "stream": only the
+    # new latents are decoded, by one causal decoder whose frame cache carries over from chunk to chunk.
+    decode: str = "chunk"
 
     def __post_init__(self):
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         if self.anchor not in ANCHORS:
             raise ValueError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
         if not 0.0 <= self.context_noise < 1.0:
@@ -47,9 +56,9 @@ class RolloutConfig:
 
     @property
     def name(self) -> str:
-        """A short label: none | renoise0.05 | colour | renoise0.05+colour."""
+        """A short label: none | renoise0.05 | colour | stream | renoise0.05+colour+stream ..."""
         parts = ([f"renoise{self.context_noise:g}"] if self.context_noise > 0 else []) + (
-            [self.anchor] if self.anchor != "none" else [])
+            [self.anchor] if self.anchor != "none" else []) + (["stream"] if self.decode == "stream" else [])
         return "+".join(parts) or "none"
 
 
@@ -116,7 +125,12 @@ def rollout(gen, prompts: Sequence[str] | Callable[[int], Sequence[str]], key: j
     tf = gen.vae.cfg.temporal_factor
     num_frames = 1 + tf * (gen.latent_shape[0] - 1)
     n = len(captions(0))
-    if start is None:
+    stream, cache = config.decode == "stream", None
+    if start is None and stream:
+        z = gen(captions(0), jax.random.fold_in(key, 0), batch_size=n, return_latents=True, **sample_kwargs)
+        first, cache = gen.decode_step(z)
+        first = first[:, :total_frames]
+    elif start is None:
         first = gen(captions(0), jax.random.fold_in(key, 0), batch_size=n, **sample_kwargs)[:, :total_frames]
     else:
         first = np.asarray(start)
@@ -139,8 +153,14 @@ def rollout(gen, prompts: Sequence[str] | Callable[[int], Sequence[str]], key: j
         mask = np.zeros((n, *gen.latent_shape[:3]), bool)
         mask[:, :k] = True
         out = gen(captions(i), jax.random.fold_in(key, i), batch_size=n, given=given, given_mask=mask,
-                  context_noise=config.context_noise, **sample_kwargs)
-        new = out[:, have:have + size]
+                  context_noise=config.context_noise, return_latents=stream, **sample_kwargs)
+        if stream:  # decode the new latents only, continuing the decoder of the frames before them
+            if cache is None:  # a rollout from given frames: the decoder starts on the context
+                _, cache = gen.decode_step(out[:, :k])
+            frames, cache = gen.decode_step(out[:, k:], cache)
+            new = frames[:, :size]
+        else:
+            new = out[:, have:have + size]
         if anchor is not None:
             new = match_colour(new, *anchor)
         progress.step(size)

@@ -77,7 +77,8 @@ CASES = {
     "extend_times": (["--video", "{clip}", "--extend", "0.5", "--times", "3"], 12 + 12, (32, 32)),
     "duration": (["--duration", "3"], 24, (32, 32)),  # 9 + 4 + 4 + 4 + 3 frames: context 2 of 3 latent frames
     "duration_image_antidrift": (["--image", "{first}", "--duration", "2", "--context_noise", "0.05", "--anchor",
-                                  "colour"], 16, (32, 32)),
+                                  "colour", "--decode", "stream"], 16, (32, 32)),
+    "duration_stream": (["--duration", "2", "--decode", "stream"], 16, (32, 32)),
     "inpaint": (["--video", "{clip}", "--mask", "{mask}", "--negative_prompt", "blurry"], 9, (32, 32)),
     "inpaint_per_frame": (["--video", "{clip}", "--mask", "{mask_mp4}"], 9, (32, 32)),
     "outpaint_video": (["--video", "{clip}", "--outpaint", "8,0,8,0"], 9, (32, 32)),

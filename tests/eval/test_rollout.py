@@ -23,6 +23,7 @@ def test_chunk_sizes_cover_the_length_exactly():
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(anchor="sink"), "anchor must be one of"),
+                                           (dict(decode="tiled"), "decode must be one of"),
                                            (dict(context_noise=1.0), "context_noise 1.0 must be in"),
                                            (dict(context=0), "context 0 must be >= 1")])
 def test_bad_rollout_configs_are_named(kwargs, match):
@@ -126,3 +127,27 @@ def test_drift_evaluation_streams_rollouts_into_meters_and_a_video(workdir, load
     assert [r["num_frames"] for r in out["results"]] == [24, 24] and len(out["results"][0]["time_s"]) == 3
     assert out["results"][0]["num_seams"] == 5 and set(out["summary"]) >= {"first", "last", "slope_per_min"}
     assert len(media.read_video(tmp_path / "r.mp4")) == 24
+
+
+def test_stream_decoding_continues_one_decoder_across_chunks(workdir, loader):
+    """decode="stream": a rollout's frames are the decoder run once over [first chunk's latents, each chunk's new
+    latents] (what gen.decode_streaming would make of them in one piece, up to the chunked cache's rounding)."""
+    _, gen = loader(workdir)
+    key = jax.random.key(5)
+    config = rollout.RolloutConfig(context=2, decode="stream")
+    frames = np.concatenate([c for c, _ in rollout.rollout(gen, PROMPT, key, 17, config=config, quiet=True)], axis=1)
+    assert frames.shape == (1, 17, 32, 32, 3)
+    z0 = gen(PROMPT, jax.random.fold_in(key, 0), batch_size=1, return_latents=True)  # (1, 3, h, w, C)
+    np.testing.assert_array_equal(frames[:, :9], gen.decode_step(z0)[0])
+    whole = gen.decode(z0, batch_size=1)
+    assert np.abs(whole.astype(int) - frames[:, :9]).max() <= 2  # one-piece decode of the same latents
+    # Chunk 1 continues the first chunk's decoder: its new latents decoded after z0's.
+    tail = frames[:, 4:9]
+    z = gen.encode(tail, batch_size=1)
+    given = np.zeros((1, *gen.latent_shape), np.float32)
+    given[:, :2] = z
+    mask = np.zeros((1, *gen.latent_shape[:3]), bool)
+    mask[:, :2] = True
+    z1 = gen(PROMPT, jax.random.fold_in(key, 1), batch_size=1, given=given, given_mask=mask, return_latents=True)
+    _, cache = gen.decode_step(z0)
+    np.testing.assert_array_equal(frames[:, 9:13], gen.decode_step(z1[:, 2:], cache)[0])
