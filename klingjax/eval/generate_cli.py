@@ -72,8 +72,6 @@ def _run_clip(gen, req: Request, sample: Sample) -> np.ndarray:
     return sample(gen.encode(req.pixels[None], batch_size=1), req.given, 0)  # the clip encoded whole
 
 
-
-
 def _run_prepend(gen, req: Request, sample: Sample) -> np.ndarray:
     """Chunks backwards: the first context frames so far, key frames encoded alone, are each chunk's suffix."""
     t = req.geom.latent[0]
