@@ -33,18 +33,19 @@ MIN_START = 50.0  # % all-attribute accuracy in the first windows for the drift 
 
 
 def parse_method(name: str):
-    """'none' | 'renoise<level>' | 'colour' | 'stream' | '<a>+<b>' -> RolloutConfig."""
+    """'none' | 'renoise<level>' | 'colour' | 'colour_smooth' | 'stream' | '<a>+<b>' -> RolloutConfig."""
     from klingjax.eval.rollout import RolloutConfig
 
     noise, anchor, decode = 0.0, "none", "chunk"
     for part in name.split("+"):
         if part.startswith("renoise"):
             noise = float(part.removeprefix("renoise"))
-        elif part in ("colour", "none", "stream"):
-            anchor = "colour" if part == "colour" else anchor
+        elif part in ("colour", "colour_smooth", "none", "stream"):
+            anchor = part if part.startswith("colour") else anchor
             decode = "stream" if part == "stream" else decode
         else:
-            raise SystemExit(f"--methods: unknown method {part!r} (none, renoise<level>, colour, stream, a+b)")
+            raise SystemExit(f"--methods: unknown method {part!r} (none, renoise<level>, colour, colour_smooth, "
+                             "stream, a+b)")
     return RolloutConfig(context=2, context_noise=noise, anchor=anchor, decode=decode)
 
 

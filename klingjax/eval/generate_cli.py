@@ -166,7 +166,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context_noise", type=float, default=0.0, help="anti-drift: re-noise each chunk's context "
                    "latents to this level (a model trained with dit.context_noise; e.g. 0.05)")
     p.add_argument("--anchor", choices=rollout.ANCHORS, default="none", help="anti-drift: 'colour' matches each "
-                   "chunk's colour statistics to the first chunk's")
+                   "chunk's colour statistics to the first chunk's; 'colour_smooth' ramps that correction across each "
+                   "chunk (no jump at seams)")
     p.add_argument("--decode", choices=rollout.DECODES, default="chunk", help="anti-seam: 'stream' decodes only "
                    "each chunk's new latents with one causal decoder carried across chunks")
     p.add_argument("--mask", help="mask.png (every frame) or mask.mp4 (per frame); white = regenerate")

@@ -15,7 +15,8 @@ Anti-drift methods (issue 16; wave2.md section 2), switchable and combinable:
     streaming generation, e.g. CausVid / Self-Forcing), instead of decoding every chunk on its own;
   * `anchor="colour"`: colour coherence to the first chunk (Deforum's `color_coherence`; Reinhard et al. 2001 colour
     transfer): each new chunk's per-channel mean and standard deviation are matched to those of the first frames,
-    and the corrected frames become the next context, so colour drift cannot compound.
+    and the corrected frames become the next context, so colour drift cannot compound; `"colour_smooth"` ramps
+    the correction across each chunk from the previous chunk's, so the seam sees no jump.
 
 A chunk's prompt can change (`prompts` as a function of the chunk index: storyboards build on it).
 """
@@ -29,7 +30,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-ANCHORS = ("none", "colour")
+ANCHORS = ("none", "colour", "colour_smooth")
 DECODES = ("chunk", "stream")
 
 
@@ -39,7 +40,7 @@ class RolloutConfig:
 
     context: int = 2  # latent frames of the previous chunk given to the next (1 .. t - 1)
     context_noise: float = 0.0  # re-noising level of the context latents (needs a model trained with it)
-    anchor: str = "none"  # "none" | "colour"
+    anchor: str = "none"  # "none" | "colour" | "colour_smooth" (the correction ramps across each chunk: no seam jump)
     # "chunk": each chunk is decoded on its own (context latents included) and its new frames kept; "stream": only the
     # new latents are decoded, by one causal decoder whose frame cache carries over from chunk to chunk.
     decode: str = "chunk"
@@ -85,12 +86,35 @@ def colour_stats(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=(1, 2, 3)), x.std(axis=(1, 2, 3))
 
 
+def colour_transfer(frames: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The per-clip, per-channel affine map (scale, offset), each (N, 3), that moves the statistics of uint8 frames
+    (N, T, H, W, 3) to `mean` / `std` (N, 3)."""
+    m, s = colour_stats(frames)
+    scale = std / np.maximum(s, 1e-3)
+    return scale, mean - scale * m
+
+
+def apply_colour(frames: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """uint8 frames (N, T, H, W, 3) through per-clip (N, 3) or per-frame (N, T, 3) affine colour maps."""
+    if scale.ndim == 2:
+        scale, offset = scale[:, None], offset[:, None]
+    x = np.asarray(frames, np.float32) * scale[:, :, None, None] + offset[:, :, None, None]
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
 def match_colour(frames: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """uint8 frames (N, T, H, W, 3) with each clip's per-channel mean / std moved to `mean` / `std` (N, 3)."""
-    m, s = colour_stats(frames)
-    scale = (std / np.maximum(s, 1e-3))[:, None, None, None]
-    x = (np.asarray(frames, np.float32) - m[:, None, None, None]) * scale + mean[:, None, None, None]
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    return apply_colour(frames, *colour_transfer(frames, mean, std))
+
+
+def ramp_colour(frames: np.ndarray, previous: tuple[np.ndarray, np.ndarray],
+                target: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """uint8 frames (N, T, H, W, 3) through affine colour maps that move linearly from `previous` (the map of the
+    frames before) to `target` across the T frames (frame T-1 gets `target`): no jump at the chunk's seam."""
+    w = (np.arange(1, frames.shape[1] + 1, dtype=np.float32) / frames.shape[1])[None, :, None]  # (1, T, 1)
+    scale = (1 - w) * previous[0][:, None] + w * target[0][:, None]  # (N, T, 3)
+    offset = (1 - w) * previous[1][:, None] + w * target[1][:, None]
+    return apply_colour(frames, scale, offset)
 
 
 class Progress:
@@ -140,7 +164,8 @@ def rollout(gen, prompts: Sequence[str] | Callable[[int], Sequence[str]], key: j
     progress = Progress(len(sizes) + (start is None), fps, quiet)
     if start is None:
         progress.step(first.shape[1])
-    anchor = colour_stats(first) if config.anchor == "colour" else None
+    anchor = colour_stats(first) if config.anchor != "none" else None
+    previous = (np.ones((n, 3), np.float32), np.zeros((n, 3), np.float32))  # the first frames are not corrected
     yield first, False
     need = context_pixels(config.context, tf)
     tail = first[:, -need:]
@@ -161,8 +186,11 @@ def rollout(gen, prompts: Sequence[str] | Callable[[int], Sequence[str]], key: j
             new = frames[:, :size]
         else:
             new = out[:, have:have + size]
-        if anchor is not None:
+        if config.anchor == "colour":
             new = match_colour(new, *anchor)
+        elif config.anchor == "colour_smooth":
+            target = colour_transfer(new, *anchor)
+            new, previous = ramp_colour(new, previous, target), target
         progress.step(size)
         yield new, True
         tail = np.concatenate([tail, new], axis=1)[:, -need:]

@@ -151,3 +151,17 @@ def test_stream_decoding_continues_one_decoder_across_chunks(workdir, loader):
     z1 = gen(PROMPT, jax.random.fold_in(key, 1), batch_size=1, given=given, given_mask=mask, return_latents=True)
     _, cache = gen.decode_step(z0)
     np.testing.assert_array_equal(frames[:, 9:13], gen.decode_step(z1[:, 2:], cache)[0])
+
+
+def test_smooth_colour_anchor_ramps_from_the_previous_map_to_the_new_one():
+    rng = np.random.default_rng(1)
+    frames = rng.integers(60, 140, (1, 4, 6, 6, 3)).astype(np.uint8)
+    previous = (np.full((1, 3), 1.0, np.float32), np.zeros((1, 3), np.float32))
+    target = (np.full((1, 3), 0.5, np.float32), np.full((1, 3), 40.0, np.float32))
+    out = rollout.ramp_colour(frames, previous, target).astype(np.float64)
+    x = frames.astype(np.float64)
+    np.testing.assert_allclose(out[:, -1], np.rint(0.5 * x[:, -1] + 40), atol=0.5)  # the last frame: the new map
+    np.testing.assert_allclose(out[:, 0], np.rint(0.875 * x[:, 0] + 10), atol=0.5)  # 1/4 of the way
+    mean, std = np.array([[90.0, 100, 110]]), np.array([[9.0, 10, 11]])
+    scale, offset = rollout.colour_transfer(frames, mean, std)
+    np.testing.assert_array_equal(rollout.apply_colour(frames, scale, offset), rollout.match_colour(frames, mean, std))
