@@ -55,10 +55,11 @@ def measure(workdir: str, seconds: float, out: str) -> dict:
 
     from klingjax.eval import media
     from klingjax.eval.generate import load_workdir_generator
+    from klingjax.eval.generate_requests import dataset_fps
     from klingjax.eval.rollout import rollout
 
     exp, gen = load_workdir_generator(workdir)
-    fps = float(json.load(open(os.path.join(workdir, "data", "manifest.json")))["spec"]["fps"])
+    fps = dataset_fps(exp, workdir)
     prompt = ["a red circle bounces left and right on a black background"]
     num_frames = 1 + gen.vae.cfg.temporal_factor * (gen.latent_shape[0] - 1)
     for _ in rollout(gen, prompt, jax.random.key(1), num_frames + 2, fps=fps, quiet=True):  # compiles everything
